@@ -1,0 +1,175 @@
+"""One window's measurements, combined from the loop timer and the sampler's ticks.
+
+``compute_metrics`` is pure: plain data in, a frozen :class:`WindowMetrics` out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loadertune.config import LoaderConfig
+from loadertune.sampler import SampleWindow
+from loadertune.timer import LoopWindow
+
+__all__ = ["IDLE_UTIL_PCT", "WindowMetrics", "compute_metrics"]
+
+#: Utilization at or below this counts as the GPU standing idle in a tick.
+IDLE_UTIL_PCT = 10.0
+
+
+@dataclass(frozen=True)
+class WindowMetrics:
+    """The measurements of one window. Every field that needs a source is None without it.
+
+    Attributes:
+        duration_s: Loop time covered: waiting plus computing.
+        batches: Batches consumed.
+        samples: Samples consumed.
+        samples_per_s: Consumption rate.
+        batches_per_s: Consumption rate in batches.
+        wait_share: Share of the loop's time blocked in ``next(loader)``, 0-1.
+        wait_s_per_batch: Mean time blocked per batch.
+        compute_s_per_batch: Mean time the loop spends per batch outside ``next()``.
+        rate_rel_stderr: Relative standard error of the rate: the measurement's own noise.
+        loader_cpu_s_per_batch: CPU seconds spent loading one batch (in the training thread at
+            ``num_workers=0``, in the workers otherwise).
+        epoch_start_wait_s: Mean wait for an epoch's first batch, when an epoch started.
+        gpu_util_mean_pct: Mean GPU utilization.
+        gpu_util_std_pct: Spread of GPU utilization between ticks.
+        gpu_idle_share: Share of ticks with utilization at or below ``IDLE_UTIL_PCT``.
+        gpu_mem_used_bytes: Peak device memory in use.
+        gpu_mem_total_bytes: Device memory in all.
+        cpu_pct: Mean busy share of the usable CPUs, 0-100.
+        usable_cpus: min(affinity, cgroup quota).
+        process_cpu_pct: The training process, in percent of one core.
+        workers_cpu_pct: All workers together, in percent of one core.
+        worker_count: Worker processes seen.
+        worker_mem_bytes: Memory per worker (PSS where sampled, else RSS).
+        ram_available_bytes: Lowest available RAM seen.
+        ram_total_bytes: Physical RAM.
+        shm_free_bytes: Lowest free /dev/shm seen.
+        shm_total_bytes: Size of /dev/shm.
+        ticks: Sampler ticks in the window.
+    """
+
+    duration_s: float
+    batches: int
+    samples: int
+    samples_per_s: float
+    batches_per_s: float
+    wait_share: float
+    wait_s_per_batch: float
+    compute_s_per_batch: float
+    rate_rel_stderr: float
+    loader_cpu_s_per_batch: float | None = None
+    epoch_start_wait_s: float | None = None
+    gpu_util_mean_pct: float | None = None
+    gpu_util_std_pct: float | None = None
+    gpu_idle_share: float | None = None
+    gpu_mem_used_bytes: int | None = None
+    gpu_mem_total_bytes: int | None = None
+    cpu_pct: float | None = None
+    usable_cpus: int | None = None
+    process_cpu_pct: float | None = None
+    workers_cpu_pct: float | None = None
+    worker_count: int | None = None
+    worker_mem_bytes: int | None = None
+    ram_available_bytes: int | None = None
+    ram_total_bytes: int | None = None
+    shm_free_bytes: int | None = None
+    shm_total_bytes: int | None = None
+    ticks: int = 0
+
+    @property
+    def gpu_mem_free_share(self) -> float | None:
+        """Share of device memory not in use, 0-1."""
+        if self.gpu_mem_used_bytes is None or not self.gpu_mem_total_bytes:
+            return None
+        return max(0.0, 1.0 - self.gpu_mem_used_bytes / self.gpu_mem_total_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics as a JSON-ready dict (floats rounded for reading)."""
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: LoaderConfig) -> WindowMetrics:
+    """Combines a loop window and the sampler's ticks over the same time into metrics.
+
+    Args:
+        loop: What the loop timer counted.
+        ticks: The sampler's ticks over the window, or None without a sampler.
+        config: The loader configuration in use during the window.
+    """
+    busy_s = loop.wait_s + loop.compute_s
+    batches = loop.batches
+    rate = samples_rate = 0.0
+    if busy_s > 0:
+        rate = batches / busy_s
+        samples_rate = loop.samples / busy_s
+    fields: dict[str, Any] = {}
+    if ticks is not None and len(ticks):
+        fields = _tick_fields(ticks)
+    loader_cpu = None
+    if batches:
+        if config.num_workers == 0:
+            loader_cpu = loop.loader_cpu_s / batches
+        elif fields.get("workers_cpu_pct") is not None and busy_s > 0:
+            loader_cpu = fields["workers_cpu_pct"] / 100.0 * busy_s / batches
+    return WindowMetrics(
+        duration_s=busy_s,
+        batches=batches,
+        samples=loop.samples,
+        samples_per_s=samples_rate,
+        batches_per_s=rate,
+        wait_share=(loop.wait_s / busy_s) if busy_s > 0 else 0.0,
+        wait_s_per_batch=(loop.wait_s / batches) if batches else 0.0,
+        compute_s_per_batch=(loop.compute_s / batches) if batches else 0.0,
+        rate_rel_stderr=loop.rate_rel_stderr,
+        loader_cpu_s_per_batch=loader_cpu,
+        epoch_start_wait_s=(loop.epoch_start_wait_s / loop.epoch_starts) if loop.epoch_starts else None,
+        ticks=len(ticks) if ticks is not None else 0,
+        **fields,
+    )
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def _tick_fields(ticks: SampleWindow) -> dict[str, Any]:
+    util = ticks.values("gpu_util_pct")
+    out: dict[str, Any] = {}
+    if len(util):
+        out["gpu_util_mean_pct"] = float(util.mean())
+        out["gpu_util_std_pct"] = float(util.std())
+        out["gpu_idle_share"] = float((util <= IDLE_UTIL_PCT).mean())
+    for name, reduce in (
+        ("gpu_mem_used_bytes", np.max),
+        ("gpu_mem_total_bytes", np.max),
+        ("ram_available_bytes", np.min),
+        ("ram_total_bytes", np.max),
+        ("shm_free_bytes", np.min),
+        ("shm_total_bytes", np.max),
+        ("usable_cpus", np.min),
+        ("worker_count", np.max),
+    ):
+        values = ticks.values(name)
+        if len(values):
+            out[name] = int(reduce(values))
+    for name in ("cpu_pct", "process_cpu_pct", "workers_cpu_pct"):
+        value = _mean(ticks.values(name))
+        if value is not None:
+            out[name] = value
+    workers = out.get("worker_count") or 0
+    if workers:
+        mem = ticks.values("workers_pss_bytes")
+        if not len(mem):
+            mem = ticks.values("workers_rss_bytes")
+        if len(mem):
+            out["worker_mem_bytes"] = math.ceil(float(mem[-1]) / workers)
+    return out

@@ -1,0 +1,167 @@
+"""The loop timer: how long the training loop waits in ``next(loader)`` and computes between.
+
+It is on the per-batch hot path, so ``record`` only adds to a handful of running sums (O(1), no
+allocation); ``take()`` turns them into a :class:`LoopWindow` and starts the next window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["LoopTimer", "LoopWindow"]
+
+
+@dataclass(frozen=True)
+class LoopWindow:
+    """What the loop did over one window.
+
+    Attributes:
+        start_s: ``time.perf_counter()`` at the start of the first counted batch request.
+        end_s: ``time.perf_counter()`` when the last counted batch arrived.
+        batches: Batches counted.
+        samples: Samples in those batches.
+        wait_s: Time blocked in ``next(loader)``.
+        compute_s: Time between batches, outside ``next(loader)`` (the training step).
+        interval_sq_sum_s2: Sum of squared batch-to-batch intervals (for the rate's noise).
+        loader_cpu_s: CPU time the loading took in the training thread (``num_workers=0`` only).
+        max_wait_s: The longest single wait.
+        epoch_start_wait_s: Waits for the first batch of an epoch in this window, summed.
+        epoch_starts: Epoch starts in this window.
+    """
+
+    start_s: float
+    end_s: float
+    batches: int
+    samples: int
+    wait_s: float
+    compute_s: float
+    interval_sq_sum_s2: float
+    loader_cpu_s: float
+    max_wait_s: float
+    epoch_start_wait_s: float
+    epoch_starts: int
+
+    @property
+    def duration_s(self) -> float:
+        """Wall time the window covers."""
+        return max(0.0, self.end_s - self.start_s)
+
+    @property
+    def rate_rel_stderr(self) -> float:
+        """Relative standard error of the measured batch rate (0 when unknown)."""
+        n = self.batches
+        if n < 3 or self.duration_s <= 0:
+            return 0.0
+        mean = self.duration_s / n
+        var = max(0.0, self.interval_sq_sum_s2 / n - mean * mean)
+        return math.sqrt(var) / mean / math.sqrt(n)
+
+
+class LoopTimer:
+    """Accumulates per-batch timings; ``record`` is called once per batch by the loader wrapper."""
+
+    __slots__ = (
+        "_batches",
+        "_compute_s",
+        "_cpu_s",
+        "_discard",
+        "_epoch_start",
+        "_epoch_start_wait_s",
+        "_epoch_starts",
+        "_last_return",
+        "_max_wait_s",
+        "_samples",
+        "_sq_sum",
+        "_start",
+        "_wait_s",
+    )
+
+    def __init__(self) -> None:
+        self._last_return: float | None = None
+        self._discard = 0
+        self._epoch_start = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._start: float | None = None
+        self._batches = 0
+        self._samples = 0
+        self._wait_s = 0.0
+        self._compute_s = 0.0
+        self._sq_sum = 0.0
+        self._cpu_s = 0.0
+        self._max_wait_s = 0.0
+        self._epoch_start_wait_s = 0.0
+        self._epoch_starts = 0
+
+    @property
+    def batches(self) -> int:
+        """Batches counted in the current window."""
+        return self._batches
+
+    @property
+    def elapsed_s(self) -> float:
+        """Wall time from the window's first counted request to the last batch."""
+        if self._start is None or self._last_return is None:
+            return 0.0
+        return self._last_return - self._start
+
+    def epoch_started(self) -> None:
+        """Marks that the next batch is the first of an epoch (its wait is kept apart)."""
+        self._epoch_start = True
+        # Time between epochs (evaluation, checkpoints) is not the loop's compute time.
+        self._last_return = None
+
+    def discard(self, batches: int) -> None:
+        """Leaves the next ``batches`` batches out of the window (warm-up after a rebuild)."""
+        self._discard = max(0, int(batches))
+        self._last_return = None
+        self._reset()
+
+    def record(self, requested_s: float, returned_s: float, samples: int, cpu_s: float = 0.0) -> None:
+        """Records one batch: requested at ``requested_s``, delivered at ``returned_s``."""
+        last = self._last_return
+        self._last_return = returned_s
+        wait = returned_s - requested_s
+        if self._epoch_start:
+            self._epoch_start = False
+            if self._discard == 0:
+                self._epoch_start_wait_s += wait
+                self._epoch_starts += 1
+        if self._discard:
+            self._discard -= 1
+            return
+        if self._start is None:
+            self._start = requested_s
+        elif last is not None:
+            self._compute_s += requested_s - last
+            interval = returned_s - last
+            self._sq_sum += interval * interval
+        self._batches += 1
+        self._samples += samples
+        self._wait_s += wait
+        self._cpu_s += cpu_s
+        if wait > self._max_wait_s:
+            self._max_wait_s = wait
+
+    def take(self) -> LoopWindow:
+        """Returns the current window and starts a new one."""
+        start = self._start if self._start is not None else (self._last_return or 0.0)
+        window = LoopWindow(
+            start_s=start,
+            end_s=self._last_return if self._last_return is not None else start,
+            batches=self._batches,
+            samples=self._samples,
+            wait_s=self._wait_s,
+            compute_s=self._compute_s,
+            interval_sq_sum_s2=self._sq_sum,
+            loader_cpu_s=self._cpu_s,
+            max_wait_s=self._max_wait_s,
+            epoch_start_wait_s=self._epoch_start_wait_s,
+            epoch_starts=self._epoch_starts,
+        )
+        self._reset()
+        # The next window starts where this one ended, so no time falls between windows.
+        self._start = self._last_return
+        return window
