@@ -59,7 +59,7 @@ class Snapshot:
     """The newest tick's readings; every metric is None where unknown.
 
     Attributes:
-        time_s: ``time.monotonic()`` of the tick.
+        time_s: ``time.perf_counter()`` of the tick.
     """
 
     time_s: float
@@ -236,24 +236,24 @@ class Sampler:
             if isinstance(reading, HostReading):
                 for column in _HOST_FIELDS:
                     row[_COLUMN[column]] = _nan(getattr(reading, column))
-        row[0] = time.monotonic()
+        row[0] = time.perf_counter()
         with self._lock:
             self._buf[self._ticks % self._capacity] = row
             self._ticks += 1
 
     # -- internals -------------------------------------------------------------------------
     def _run(self) -> None:
-        next_tick = time.monotonic()
+        next_tick = time.perf_counter()
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:  # the thread must never die or raise into the training loop
                 logger.debug("loadertune: sampler tick failed", exc_info=True)
             next_tick += self.interval_s
-            delay = next_tick - time.monotonic()
+            delay = next_tick - time.perf_counter()
             if delay < 0:
                 # A slow tick: skip the missed ones instead of bursting to catch up.
-                next_tick = time.monotonic()
+                next_tick = time.perf_counter()
                 delay = 0.0
             if self._stop.wait(delay):
                 break

@@ -1,0 +1,441 @@
+"""Pure decisions: from a window's diagnosis to the next loader configuration.
+
+``plan`` aims: from measured rates it estimates the worker count that meets what the loop
+consumes, bounded by the CPUs (on CPU-bound loads), a RAM budget and /dev/shm. ``Controller`` is
+the apply-mode state machine on top: change, let it warm up, measure, keep the change only if
+throughput rose by more than the noise, else revert and remember the ceiling; hold once converged
+and re-tune on drift. No threads, no clocks: time comes in as an argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from loadertune.config import LoaderConfig
+from loadertune.diagnose import Diagnosis
+from loadertune.metrics import WindowMetrics
+
+__all__ = ["Bounds", "Controller", "Decision", "Recommendation", "WorkerEstimate", "default_max_workers", "estimate_workers", "plan"]
+
+# Aim a little above the estimate: the estimate ignores the IPC cost of each batch.
+_AIM_MARGIN = 1.2
+
+
+def default_max_workers(usable_cpus: int) -> int:
+    """The hard cap on workers: beyond the cores, since workers waiting on I/O use no CPU."""
+    return min(64, max(8, 8 * usable_cpus))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Limits no recommendation crosses.
+
+    Attributes:
+        usable_cpus: min(affinity, cgroup quota) of this process (its share of the node).
+        max_workers: Hard cap on workers.
+        ram_budget_bytes: Memory all workers together may use; None for no budget.
+        batch_bytes: Bytes of one collated batch (for /dev/shm), None when unknown.
+        max_batch_size: Largest batch size allowed, None for no limit.
+    """
+
+    usable_cpus: int = 1
+    max_workers: int = 8
+    ram_budget_bytes: int | None = None
+    batch_bytes: int | None = None
+    max_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerEstimate:
+    """How many workers the measured rates call for, and what bounds that number.
+
+    Attributes:
+        needed: Workers that would keep up with the loop, from rates alone.
+        target: ``needed`` after the bounds.
+        limited_by: The bound that decided ``target`` ("rates", "cpu", "ram", "shm", "max_workers").
+        load_s_per_batch: Time one worker needs to produce a batch.
+        demand_batches_per_s: Batches per second the loop could consume if it never waited.
+        cpu_cap: Workers the CPUs can keep busy, None when the CPU cost is unknown.
+        ram_cap: Workers the RAM budget allows, None when unknown.
+        shm_cap: Workers /dev/shm allows, None when unknown.
+    """
+
+    needed: int
+    target: int
+    limited_by: str
+    load_s_per_batch: float
+    demand_batches_per_s: float
+    cpu_cap: int | None = None
+    ram_cap: int | None = None
+    shm_cap: int | None = None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The configuration to move to and why.
+
+    Attributes:
+        config: The recommended configuration.
+        reason: One sentence: what changes and what the measurements say it will gain.
+        lr_factor: Factor for the learning rate when the batch size changes, else None.
+        expected_speedup: Estimated samples/s ratio, where the rates allow an estimate.
+        changes: ``{setting: (from, to)}``.
+    """
+
+    config: LoaderConfig
+    reason: str
+    lr_factor: float | None = None
+    expected_speedup: float | None = None
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recommendation as a JSON-ready dict."""
+        out = dataclasses.asdict(self)
+        out["config"] = self.config.to_dict()
+        out["changes"] = {k: list(v) for k, v in self.changes.items()}
+        return out
+
+
+def estimate_workers(metrics: WindowMetrics, config: LoaderConfig, bounds: Bounds) -> WorkerEstimate | None:
+    """Estimates the worker count that meets the loop's consumption rate.
+
+    With ``num_workers=0`` the time blocked in ``next()`` is the time one worker needs per
+    batch. With workers and the loop waiting, the pool runs flat out, so the observed rate is
+    ``workers / load time``. The loop's own time per batch sets the rate it could consume.
+    """
+    m = metrics
+    if m.batches < 2 or m.batches_per_s <= 0:
+        return None
+    w = config.num_workers
+    load = m.wait_s_per_batch if w == 0 else w / m.batches_per_s
+    if load <= 0:
+        return None
+    compute = m.compute_s_per_batch
+    demand = 1.0 / compute if compute > 0 else math.inf
+    needed = bounds.max_workers if math.isinf(demand) else max(1, math.ceil(load * demand * _AIM_MARGIN))
+    caps: dict[str, int] = {"max_workers": bounds.max_workers}
+    cpu_cap = ram_cap = shm_cap = None
+    if m.loader_cpu_s_per_batch is not None and m.loader_cpu_s_per_batch > 0:
+        # Share of a core one busy worker uses: ~1 for CPU-bound loads, ~0 for I/O waits.
+        per_worker = min(1.0, m.loader_cpu_s_per_batch / load)
+        loop_cpu = 0.0
+        if m.process_cpu_pct is not None:
+            loop_cpu = m.process_cpu_pct / 100.0
+            if w == 0:
+                loop_cpu -= m.loader_cpu_s_per_batch * m.batches_per_s
+        spare = max(1.0, bounds.usable_cpus - max(0.0, loop_cpu))
+        cpu_cap = max(1, math.floor(spare / per_worker + 1e-9))
+        caps["cpu"] = cpu_cap
+    if bounds.ram_budget_bytes is not None and m.worker_mem_bytes:
+        ram_cap = max(1, bounds.ram_budget_bytes // m.worker_mem_bytes)
+        caps["ram"] = ram_cap
+    if bounds.batch_bytes and m.shm_free_bytes is not None:
+        prefetch = config.prefetch_factor or 2
+        shm_cap = max(1, int(0.5 * m.shm_free_bytes) // (prefetch * bounds.batch_bytes))
+        caps["shm"] = shm_cap
+    limited_by, cap = min(caps.items(), key=lambda kv: kv[1])
+    target = min(needed, cap)
+    return WorkerEstimate(
+        needed=needed,
+        target=target,
+        limited_by="rates" if target == needed else limited_by,
+        load_s_per_batch=load,
+        demand_batches_per_s=demand,
+        cpu_cap=cpu_cap,
+        ram_cap=ram_cap,
+        shm_cap=shm_cap,
+    )
+
+
+def plan(
+    metrics: WindowMetrics,
+    diagnosis: Diagnosis,
+    config: LoaderConfig,
+    bounds: Bounds,
+    *,
+    allow_batch_size: bool = True,
+    lr_exponent: float = 1.0,
+    ceiling_workers: int | None = None,
+) -> Recommendation | None:
+    """The configuration the measurements call for, or None when nothing should change.
+
+    Args:
+        metrics: One window's measurements.
+        diagnosis: ``diagnose`` of the same window.
+        config: The configuration in use.
+        bounds: Limits no recommendation crosses.
+        allow_batch_size: Whether a batch-size change may be recommended.
+        lr_exponent: The learning-rate rule as an exponent of the batch ratio (1 linear,
+            0.5 square root, 0 none).
+        ceiling_workers: A worker count measured not to help; stay below it.
+    """
+    kind = diagnosis.kind
+    w = config.num_workers
+    new = config
+    reason = ""
+    speedup = None
+    estimate = estimate_workers(metrics, config, bounds)
+    limit = bounds.max_workers if ceiling_workers is None else min(bounds.max_workers, ceiling_workers - 1)
+    if kind == "data_starved" and estimate is not None:
+        target = min(estimate.target, limit)
+        if target <= w and w < limit:
+            # The estimate says enough, yet the loop waits: step past it, gently.
+            target = min(limit, w + max(1, w // 4))
+        if target > w:
+            new = new.replace(num_workers=target)
+            speedup = _speedup(metrics, config, target, estimate)
+            bound = "" if estimate.limited_by == "rates" else f", capped by {estimate.limited_by}"
+            reason = (
+                f"one worker makes a batch in {estimate.load_s_per_batch * 1e3:.0f} ms and the loop "
+                f"takes {_per_s(estimate.demand_batches_per_s)} batches/s: about {estimate.needed} "
+                f"workers keep up{bound}"
+            )
+    elif kind == "cpu_bound" and estimate is not None and estimate.cpu_cap is not None and w > estimate.cpu_cap:
+        new = new.replace(num_workers=estimate.cpu_cap)
+        reason = (
+            f"the load is CPU-bound and {w} workers oversubscribe {bounds.usable_cpus} usable CPUs; "
+            f"{estimate.cpu_cap} do the same work with less contention"
+        )
+    elif kind == "memory_bound" and w > 0:
+        caps = [c for c in (estimate.ram_cap, estimate.shm_cap) if c is not None] if estimate else []
+        target = min([w - 1, *caps])
+        new = new.replace(num_workers=max(0, target))
+        reason = "memory is near its limit; fewer workers hold fewer batches in flight"
+    elif kind == "batch_headroom" and allow_batch_size and config.batch_size is not None:
+        target_bs = config.batch_size * 2
+        if bounds.max_batch_size is not None:
+            target_bs = min(target_bs, bounds.max_batch_size)
+        if target_bs > config.batch_size:
+            new = new.replace(batch_size=target_bs)
+            reason = (
+                "the GPU is steadily under-used with memory free; twice the batch does more work "
+                "per step"
+            )
+    if any("persistent_workers=True" in a for a in diagnosis.advice) and new.num_workers > 0:
+        new = new.replace(persistent_workers=True)
+        reason = reason or "every epoch starts with a stall while workers start"
+    if new == config:
+        return None
+    lr_factor = None
+    if new.batch_size != config.batch_size and config.batch_size and new.batch_size:
+        lr_factor = (new.batch_size / config.batch_size) ** lr_exponent
+    return Recommendation(
+        config=new,
+        reason=reason,
+        lr_factor=lr_factor,
+        expected_speedup=speedup,
+        changes=config.diff(new),
+    )
+
+
+def _speedup(m: WindowMetrics, config: LoaderConfig, target: int, est: WorkerEstimate) -> float | None:
+    if m.batches_per_s <= 0:
+        return None
+    produce = target / est.load_s_per_batch
+    return min(produce, est.demand_batches_per_s) / m.batches_per_s
+
+
+def _per_s(rate: float) -> str:
+    return "unlimited" if math.isinf(rate) else f"{rate:.1f}"
+
+
+Action = Literal["hold", "change", "keep", "revert", "retune"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One apply-mode decision, with the measurements it stands on.
+
+    Attributes:
+        action: "change" (try a new configuration), "keep" (the change paid), "revert" (it did
+            not; back to ``config``), "hold" (nothing to do), "retune" (drift: explore again).
+        config: The configuration to run from now on.
+        reason: One sentence for the log.
+        before_samples_per_s: Rate measured before the change (keep/revert), else the current.
+        after_samples_per_s: Rate measured after the change (keep/revert), else None.
+        lr_factor: Learning-rate factor to apply with this decision (batch-size changes).
+        recommendation: The recommendation a "change" follows.
+    """
+
+    action: Action
+    config: LoaderConfig
+    reason: str
+    before_samples_per_s: float | None = None
+    after_samples_per_s: float | None = None
+    lr_factor: float | None = None
+    recommendation: Recommendation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The decision as a JSON-ready dict."""
+        return {
+            "action": self.action,
+            "config": self.config.to_dict(),
+            "reason": self.reason,
+            "before_samples_per_s": self.before_samples_per_s,
+            "after_samples_per_s": self.after_samples_per_s,
+            "lr_factor": self.lr_factor,
+        }
+
+
+@dataclass
+class _Trial:
+    previous: LoaderConfig
+    before_rate: float
+    before_noise: float
+    lr_factor: float | None
+
+
+class Controller:
+    """Apply-mode control: aimed steps, measured keep-or-revert, hold, and re-tune on drift.
+
+    Args:
+        config: The configuration in use at the start.
+        bounds: Limits no change crosses.
+        allow_batch_size: Whether batch-size changes are allowed.
+        lr_exponent: Learning-rate rule as an exponent of the batch ratio.
+        min_gain: Smallest relative throughput gain that keeps a change (default 5%).
+        drift_share: Relative drop of throughput, or rise of wait share into the input-bound
+            range, that re-opens tuning once converged (default 25%).
+        cooldown_s: Least time between two changes.
+    """
+
+    def __init__(
+        self,
+        config: LoaderConfig,
+        bounds: Bounds,
+        *,
+        allow_batch_size: bool = False,
+        lr_exponent: float = 1.0,
+        min_gain: float = 0.05,
+        drift_share: float = 0.25,
+        cooldown_s: float = 0.0,
+    ) -> None:
+        self.config = config
+        self.bounds = bounds
+        self.allow_batch_size = allow_batch_size
+        self.lr_exponent = lr_exponent
+        self.min_gain = min_gain
+        self.drift_share = drift_share
+        self.cooldown_s = cooldown_s
+        self.ceiling_workers: int | None = None
+        self.batch_ceiling: int | None = None
+        self.converged = False
+        self._trial: _Trial | None = None
+        self._reference_rate: float | None = None
+        self._reference_wait: float | None = None
+        self._last_change_s = -math.inf
+        self._drift_windows = 0
+
+    def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
+        """Takes one decision on a window measured after any warm-up."""
+        rate = metrics.samples_per_s
+        if self._trial is not None:
+            return self._judge(metrics, now_s)
+        if self.converged:
+            if self._drifted(metrics):
+                self.converged = False
+                self.ceiling_workers = None
+                self.batch_ceiling = None
+                self._reference_rate = None
+                return Decision(
+                    "retune",
+                    self.config,
+                    f"throughput or waiting drifted (now {rate:.0f} samples/s, "
+                    f"{metrics.wait_share:.0%} waiting); tuning again",
+                    before_samples_per_s=rate,
+                )
+            return Decision("hold", self.config, "converged", before_samples_per_s=rate)
+        if now_s - self._last_change_s < self.cooldown_s:
+            return Decision("hold", self.config, "cooling down after a change", before_samples_per_s=rate)
+        bounds = self.bounds
+        if self.batch_ceiling is not None:
+            bounds = dataclasses.replace(bounds, max_batch_size=self.batch_ceiling)
+        rec = plan(
+            metrics,
+            diagnosis,
+            self.config,
+            bounds,
+            allow_batch_size=self.allow_batch_size,
+            lr_exponent=self.lr_exponent,
+            ceiling_workers=self.ceiling_workers,
+        )
+        if rec is None:
+            self._converge(metrics)
+            return Decision("hold", self.config, f"{diagnosis.kind}: nothing to change", before_samples_per_s=rate)
+        self._trial = _Trial(self.config, rate, metrics.rate_rel_stderr, rec.lr_factor)
+        self.config = rec.config
+        self._last_change_s = now_s
+        return Decision(
+            "change",
+            rec.config,
+            rec.reason,
+            before_samples_per_s=rate,
+            lr_factor=rec.lr_factor,
+            recommendation=rec,
+        )
+
+    def note_external_change(self, config: LoaderConfig) -> None:
+        """Tells the controller the configuration changed outside it (reconfigure, a fault)."""
+        self.config = config
+        self._trial = None
+        self.converged = False
+        self._reference_rate = None
+
+    def _judge(self, metrics: WindowMetrics, now_s: float) -> Decision:
+        trial = self._trial
+        self._trial = None
+        before, after = trial.before_rate, metrics.samples_per_s
+        noise = 2.0 * math.hypot(trial.before_noise, metrics.rate_rel_stderr)
+        needed = max(self.min_gain, noise)
+        gain = after / before - 1.0 if before > 0 else math.inf
+        changes = trial.previous.diff(self.config)
+        fewer = "num_workers" in changes and changes["num_workers"][1] < changes["num_workers"][0]
+        # A step down (fewer workers) is kept unless it costs throughput beyond the noise.
+        kept = gain >= -needed if fewer else gain > needed
+        if kept:
+            return Decision(
+                "keep",
+                self.config,
+                f"kept: {before:.0f} -> {after:.0f} samples/s ({gain:+.0%}, needed {'>=' if fewer else '>'}"
+                f"{-needed if fewer else needed:+.0%})",
+                before_samples_per_s=before,
+                after_samples_per_s=after,
+            )
+        if "num_workers" in changes and not fewer:
+            self.ceiling_workers = changes["num_workers"][1]
+        if "batch_size" in changes:
+            self.batch_ceiling = changes["batch_size"][0]
+        tried = self.config
+        self.config = trial.previous
+        self._last_change_s = now_s
+        self._converge(metrics, rate=before)
+        return Decision(
+            "revert",
+            trial.previous,
+            f"reverted {tried.describe()}: {before:.0f} -> {after:.0f} samples/s ({gain:+.0%}) is "
+            f"within the noise (needed {needed:+.0%})",
+            before_samples_per_s=before,
+            after_samples_per_s=after,
+            lr_factor=(1.0 / trial.lr_factor) if trial.lr_factor else None,
+        )
+
+    def _converge(self, metrics: WindowMetrics, rate: float | None = None) -> None:
+        self.converged = True
+        self._reference_rate = rate if rate is not None else metrics.samples_per_s
+        self._reference_wait = metrics.wait_share
+        self._drift_windows = 0
+
+    def _drifted(self, metrics: WindowMetrics) -> bool:
+        ref = self._reference_rate
+        if ref is None:
+            self._reference_rate = metrics.samples_per_s
+            self._reference_wait = metrics.wait_share
+            return False
+        slower = metrics.samples_per_s < (1.0 - self.drift_share) * ref
+        waiting = metrics.wait_share >= 0.2 and metrics.wait_share > (self._reference_wait or 0.0) + self.drift_share
+        self._drift_windows = self._drift_windows + 1 if (slower or waiting) else 0
+        # Two windows in a row: one slow window (a checkpoint, a GC pause) is not drift.
+        return self._drift_windows >= 2

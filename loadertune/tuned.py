@@ -1,0 +1,850 @@
+"""``tune()`` and ``TunedLoader``: a drop-in DataLoader that measures, diagnoses and tunes itself.
+
+The wrapper owns the epoch's sample stream (see :mod:`loadertune.stream`) and builds the actual
+DataLoaders on it, so it can rebuild mid-epoch at a batch boundary without losing or repeating a
+sample. Per batch it only reads the clock twice and pops a deque; everything else happens once
+per window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+from loadertune.config import LoaderConfig
+from loadertune.controller import (
+    Bounds,
+    Controller,
+    Decision,
+    Recommendation,
+    default_max_workers,
+    plan,
+)
+from loadertune.diagnose import Diagnosis, Environment, diagnose
+from loadertune.errors import ReconfigureError
+from loadertune.events import Event, EventLog
+from loadertune.metrics import WindowMetrics, compute_metrics
+from loadertune.sampler import Sampler
+from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler
+from loadertune.timer import LoopTimer
+
+__all__ = ["MODES", "Mode", "TunedLoader", "tune"]
+
+logger = logging.getLogger("loadertune")
+
+Mode = Literal["recommend", "apply"]
+#: The modes ``tune`` accepts.
+MODES: tuple[Mode, ...] = ("recommend", "apply")
+
+_LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+def tune(
+    loader: DataLoader,
+    *,
+    mode: Mode = "recommend",
+    gpu: Any = "auto",
+    log_file: str | None = None,
+    window_s: float = 2.0,
+    min_window_batches: int = 10,
+    interval_s: float = 0.1,
+    allow_batch_size: bool = False,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    lr_rule: str = "auto",
+    accumulation_steps: int | None = None,
+    model: torch.nn.Module | None = None,
+    seed: int | None = None,
+    max_workers: int | None = None,
+    ram_budget_share: float = 0.5,
+    host: Any = True,
+    sinks: tuple[Callable[[Event], Any], ...] = (),
+) -> TunedLoader:
+    """Wraps a DataLoader so that it watches the training run and tunes the loading.
+
+    Args:
+        loader: The ``torch.utils.data.DataLoader`` to wrap; map-style or iterable dataset, any
+            ``num_workers``.
+        mode: ``"recommend"`` logs what to change and never changes anything; ``"apply"``
+            rebuilds the loader live (workers, prefetch, pinning, persistence; the batch size
+            too with ``allow_batch_size=True``).
+        gpu: ``"auto"`` (NVML for the training device when it works, else none), None, or a GPU
+            source such as ``loadertune.NvmlGpu(0)`` or ``loadertune.sim.SimulatedGpu(...)``.
+        log_file: Path of a JSONL event log to append to.
+        window_s: Least seconds per measurement window.
+        min_window_batches: Least batches per measurement window.
+        interval_s: Sampler period (GPU and host readings).
+        allow_batch_size: In apply mode, allow batch-size changes (the learning rate of
+            ``optimizer``/``scheduler`` is scaled by ``lr_rule``).
+        optimizer: The optimizer whose learning rate follows batch-size changes.
+        scheduler: Its learning-rate scheduler, if any.
+        lr_rule: ``"auto"``, ``"linear"``, ``"sqrt"`` or ``"none"``.
+        accumulation_steps: When the loop accumulates gradients over k micro-batches, pass k:
+            a batch-size change then grows the micro-batch and shrinks k so the effective batch
+            and the learning rate stay; read ``TunedLoader.accumulation_steps`` each step.
+        model: The model, if given: tells whether it trains on CUDA and has convolutions.
+        seed: Makes every sample's random draws depend only on (seed, epoch, index), whatever
+            ``num_workers`` and through rebuilds (map-style datasets).
+        max_workers: Cap on workers (default: 8 per usable CPU, at least 8, at most 64).
+        ram_budget_share: Share of the RAM available at the start that all workers together may
+            use (default one half).
+        host: True for psutil host metrics, None to go without.
+        sinks: Callables that receive every :class:`~loadertune.events.Event`.
+
+    Returns:
+        A :class:`TunedLoader`; iterate it exactly as the DataLoader.
+
+    Raises:
+        ValueError: A bad argument; the message names it and says what to pass.
+    """
+    return TunedLoader(
+        loader,
+        mode=mode,
+        gpu=gpu,
+        log_file=log_file,
+        window_s=window_s,
+        min_window_batches=min_window_batches,
+        interval_s=interval_s,
+        allow_batch_size=allow_batch_size,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        lr_rule=lr_rule,
+        accumulation_steps=accumulation_steps,
+        model=model,
+        seed=seed,
+        max_workers=max_workers,
+        ram_budget_share=ram_budget_share,
+        host=host,
+        sinks=sinks,
+    )
+
+
+class TunedLoader:
+    """A DataLoader stand-in that measures, diagnoses and (in apply mode) retunes itself.
+
+    Build it with :func:`tune`. Iterate it like the DataLoader it wraps. Attributes worth
+    reading: ``config`` (in use), ``diagnosis`` (latest), ``recommendation`` (what to move to,
+    or None), ``metrics`` (latest window), ``events``, ``accumulation_steps``.
+    """
+
+    def __init__(self, loader: DataLoader, **options: Any) -> None:
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                f"tune() takes a torch.utils.data.DataLoader, got {type(loader).__name__}; "
+                "wrap your dataset in a DataLoader first"
+            )
+        mode = options["mode"]
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        _check_positive("window_s", options["window_s"])
+        _check_positive("interval_s", options["interval_s"])
+        mwb = options["min_window_batches"]
+        if not isinstance(mwb, int) or mwb < 2:
+            raise ValueError(f"min_window_batches must be an int >= 2, got {mwb!r}")
+        share = options["ram_budget_share"]
+        if not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"ram_budget_share must be in (0, 1], got {share!r}")
+        self.loader = loader
+        self.mode: Mode = mode
+        self.window_s = float(options["window_s"])
+        self.min_window_batches = mwb
+        self._iterable = isinstance(loader.dataset, IterableDataset)
+        self._kind = _stream_kind(loader)
+        self.config = LoaderConfig.from_loader(loader)
+        self._initial_config = self.config
+        self.allow_batch_size = bool(options["allow_batch_size"])
+        self._optimizer = options["optimizer"]
+        self._scheduler = options["scheduler"]
+        self._lr_rule, self._lr_exponent = self._resolve_lr(options["lr_rule"])
+        self._accumulation = _check_accumulation(options["accumulation_steps"])
+        self._seed = options["seed"]
+        self._dataset = self._seeded_dataset(loader.dataset, self._seed)
+        self._model = options["model"]
+        if options["max_workers"] is not None and (not isinstance(options["max_workers"], int) or options["max_workers"] < 1):
+            raise ValueError(f"max_workers must be an int >= 1, got {options['max_workers']!r}")
+        if self.allow_batch_size and self._kind != "batch":
+            raise ValueError(
+                "allow_batch_size=True needs a DataLoader built with batch_size= on a map-style "
+                "dataset; this one has "
+                + ("an IterableDataset" if self._iterable else "a custom batch_sampler or batch_size=None")
+                + ", whose batches loadertune cannot re-cut"
+            )
+
+        self.events_log = EventLog(options["log_file"], sinks=tuple(options["sinks"]))
+        self._sampler = Sampler(options["interval_s"], gpu=self._resolve_gpu(options["gpu"]), host=options["host"])
+        self._bounds = self._make_bounds(options["max_workers"], share)
+        self._environment = self._make_environment()
+        self._controller = Controller(
+            self.config,
+            self._bounds,
+            allow_batch_size=self.allow_batch_size,
+            lr_exponent=self._lr_exponent,
+            cooldown_s=self.window_s,
+        )
+        self._timer = LoopTimer()
+        self.diagnosis: Diagnosis | None = None
+        self.recommendation: Recommendation | None = None
+        self.metrics: WindowMetrics | None = None
+        self.step = 0
+        self.epoch = 0
+        self._epochs_started = 0
+        self._inner_loader: DataLoader | None = None
+        self._inner_it: Iterator[Any] | None = None
+        self._stream: EpochStream | None = None
+        self._pending: LoaderConfig | None = None
+        self._last_consumed: Any = None
+        self._base_seed_drawn = False
+        self._window_deadline = math.inf
+        self._logged_rec: LoaderConfig | None = None
+        self._batch_bytes: int | None = None
+        self._batch_increase: tuple[LoaderConfig, float | None] | None = None
+        self._rebuilds = 0
+        self._closed = False
+        self._first_rate: float | None = None
+        self._sampler.start()
+        self.events_log.emit(
+            "start",
+            0,
+            0,
+            mode=mode,
+            config=self.config.to_dict(),
+            gpu=getattr(self._sampler.gpu, "name", None),
+            usable_cpus=self._bounds.usable_cpus,
+            lr_rule=self._lr_rule,
+        )
+
+    # -- the DataLoader interface ------------------------------------------------------------
+    def __iter__(self) -> TunedLoader:
+        if self._closed:
+            raise RuntimeError("this TunedLoader is closed; call tune() again on the DataLoader")
+        if self._inner_it is not None and self._stream is not None and not self._stream.exhausted:
+            # The previous epoch was left early: its in-flight batches are simply dropped, as a
+            # fresh DataLoader iterator would drop them.
+            self._discard_epoch()
+        if self._pending is not None:
+            self._set_config(self._pending)
+            self._pending = None
+        self._start_epoch()
+        return self
+
+    def __next__(self) -> Any:
+        it = self._inner_it
+        if it is None:
+            raise StopIteration
+        requested = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            self._end_epoch()
+            raise
+        except RuntimeError as exc:
+            if not _WORKER_DIED.search(str(exc)):
+                self._pop_failed()
+                raise
+            self._recover(exc)
+            return self.__next__()
+        except Exception:
+            # A dataset's own error: that batch is gone from the stream, as in torch; the error
+            # reaches the caller unchanged.
+            self._pop_failed()
+            raise
+        returned = time.perf_counter()
+        stream = self._stream
+        if stream is not None and stream.issued:
+            consumed = stream.issued.popleft()
+            self._last_consumed = consumed
+            n = len(consumed) if self._kind != "single" else 1
+        else:
+            n = self.config.batch_size or 1
+        self.step += 1
+        self._timer.record(requested, returned, n)
+        if returned >= self._window_deadline and self._timer.batches >= self.min_window_batches:
+            self._on_window(batch)
+        elif self._batch_bytes is None:
+            self._batch_bytes = _nbytes(batch)
+        return batch
+
+    def __len__(self) -> int:
+        if self._kind != "batch" or self.config.batch_size == self.loader.batch_size:
+            return len(self.loader)
+        n = len(self.loader.batch_sampler.sampler)
+        bs = self.config.batch_size
+        return n // bs if self.loader.drop_last else math.ceil(n / bs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch number and passes it to the sampler (``DistributedSampler.set_epoch``)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+        for s in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None), self.loader.batch_sampler):
+            set_epoch = getattr(s, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+                break
+
+    @property
+    def dataset(self) -> Any:
+        """The dataset of the wrapped loader."""
+        return self.loader.dataset
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size in use."""
+        return self.config.batch_size
+
+    @property
+    def num_workers(self) -> int:
+        """The worker count in use."""
+        return self.config.num_workers
+
+    @property
+    def accumulation_steps(self) -> int | None:
+        """Micro-batches per optimizer step the loop should accumulate now (None if not used)."""
+        return self._accumulation
+
+    @property
+    def events(self) -> list[Event]:
+        """The events so far (the most recent 10,000)."""
+        return list(self.events_log.events)
+
+    @property
+    def sampler_thread(self) -> Sampler:
+        """The :class:`~loadertune.sampler.Sampler` watching this run."""
+        return self._sampler
+
+    @property
+    def rebuilds(self) -> int:
+        """Loaders built after the first (changes and fault recoveries)."""
+        return self._rebuilds
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else (sampler, collate_fn, drop_last, generator...) is the wrapped loader's.
+        if name.startswith("_") or name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __enter__(self) -> TunedLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shuts down workers and the sampler, logs a summary and closes the event log."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shutdown_inner()
+        self._sampler.close()
+        summary = self._summary()
+        logger.info("loadertune: %s", summary["text"])
+        self.events_log.emit("summary", self.step, self.epoch, **summary)
+        self.events_log.close()
+
+    # -- changes -------------------------------------------------------------------------------
+    def reconfigure(self, **changes: Any) -> LoaderConfig:
+        """Forces a configuration change now (any mode), with the same exactly-once guarantees.
+
+        Args:
+            **changes: Any of ``num_workers``, ``batch_size``, ``prefetch_factor``,
+                ``pin_memory``, ``persistent_workers``.
+
+        Returns:
+            The configuration now in use.
+
+        Raises:
+            ReconfigureError: The change cannot be made on this loader (the message says why).
+        """
+        if self._closed:
+            raise ReconfigureError("this TunedLoader is closed")
+        new = self.config.replace(**changes)
+        if "batch_size" in changes and new.batch_size != self.config.batch_size:
+            if self._kind == "batches":
+                raise ReconfigureError(
+                    "this loader uses its own batch_sampler, which decides the batches; "
+                    "loadertune cannot change its batch size (change num_workers etc. only)"
+                )
+            if self._kind == "single":
+                raise ReconfigureError("this loader has automatic batching off (batch_size=None)")
+        factor = None
+        if new.batch_size != self.config.batch_size and new.batch_size and self.config.batch_size:
+            factor = (new.batch_size / self.config.batch_size) ** self._lr_exponent
+        self._change(new, "reconfigure", f"reconfigure({', '.join(f'{k}={v!r}' for k, v in changes.items())})", lr_factor=factor)
+        self._controller.note_external_change(self.config)
+        return self.config
+
+    @contextlib.contextmanager
+    def oom_guard(self) -> Iterator[None]:
+        """Wraps a training step; an out-of-memory error after a batch-size increase is undone.
+
+        The CUDA cache is freed, batch size and learning rate go back, and the failed batch's
+        samples are handed out again, so none is lost. Any other out-of-memory error (with no
+        increase to undo) is re-raised unchanged.
+        """
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            if self._batch_increase is None or self._last_consumed is None:
+                raise
+            previous, factor = self._batch_increase
+            self._batch_increase = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            failed = self._last_consumed
+            self._last_consumed = None
+            self._stream_requeue_front(failed)
+            bs = previous.batch_size
+            self._controller.batch_ceiling = self.config.batch_size
+            self._change(
+                self.config.replace(batch_size=bs),
+                "fault",
+                f"out of memory at batch size {self.config.batch_size}: back to {bs}, the failed "
+                f"batch's {len(failed)} samples will come again",
+                lr_factor=(1.0 / factor) if factor else None,
+            )
+            self._controller.note_external_change(self.config)
+
+    # -- epochs --------------------------------------------------------------------------------
+    def _start_epoch(self) -> None:
+        loader = self.loader
+        self._epochs_started += 1
+        if self._iterable:
+            self._stream = None
+            if self._inner_loader is None:
+                self._inner_loader = self._build_loader(None)
+            self._inner_it = iter(self._inner_loader)
+        else:
+            source = loader.batch_sampler if self._kind == "batches" else (
+                loader.batch_sampler.sampler if self._kind == "batch" else loader.sampler
+            )
+            # Create the sampler's iterator first, then draw the base seed: the order in which a
+            # plain DataLoader consumes its RNG, so this epoch's and later epochs' orders match it.
+            source_iter = iter(source)
+            persistent = self._initial_config.persistent_workers and self._initial_config.num_workers > 0
+            if not (persistent and self._base_seed_drawn):
+                base = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
+                self._base_seed_drawn = True
+                self._inner_generator().manual_seed(base)
+            self._stream = EpochStream(source_iter)
+            if self._inner_loader is None or not self.config.persistent_workers or self.config.num_workers == 0:
+                self._shutdown_inner()
+                self._inner_loader = self._build_loader(self._stream)
+            else:
+                inner = self._inner_loader
+                sampler = inner.sampler if self._kind == "single" else inner.batch_sampler
+                sampler.stream = self._stream  # type: ignore[union-attr]
+            self._inner_it = iter(self._inner_loader)
+        self._note_workers()
+        self._timer.epoch_started()
+        if self._window_deadline == math.inf:
+            self._window_deadline = time.perf_counter() + self.window_s
+
+    def _end_epoch(self) -> None:
+        if not self.config.persistent_workers:
+            self._inner_it = None
+        self._stream = None
+        self.epoch += 1
+
+    def _discard_epoch(self) -> None:
+        if self.config.persistent_workers and self.config.num_workers > 0:
+            # torch's _reset drains a persistent iterator's in-flight batches itself.
+            if self._stream is not None:
+                self._stream.issued.clear()
+        else:
+            self._shutdown_inner()
+        self._stream = None
+        self.epoch += 1
+
+    # -- rebuilding ----------------------------------------------------------------------------
+    def _inner_generator(self) -> torch.Generator:
+        gen = getattr(self, "_gen", None)
+        if gen is None:
+            gen = self._gen = torch.Generator()
+        return gen
+
+    def _build_loader(self, stream: EpochStream | None) -> DataLoader:
+        c = self.config
+        loader = self.loader
+        kwargs: dict[str, Any] = {
+            "num_workers": c.num_workers,
+            "pin_memory": c.pin_memory,
+            "collate_fn": loader.collate_fn,
+            "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "generator": self._inner_generator(),
+        }
+        if loader.pin_memory_device:
+            kwargs["pin_memory_device"] = loader.pin_memory_device
+        if c.num_workers > 0:
+            kwargs["prefetch_factor"] = c.prefetch_factor
+            kwargs["persistent_workers"] = c.persistent_workers
+        key = self._key_fn()
+        if stream is None:  # IterableDataset: its own order; changes take effect per epoch
+            return DataLoader(self._dataset, batch_size=c.batch_size, drop_last=loader.drop_last, **kwargs)
+        if self._kind == "batch":
+            return DataLoader(
+                self._dataset,
+                batch_sampler=StreamBatchSampler(stream, c.batch_size, loader.drop_last, key),
+                **kwargs,
+            )
+        if self._kind == "batches":
+            return DataLoader(self._dataset, batch_sampler=StreamSampler(stream, key), **kwargs)
+        return DataLoader(self._dataset, batch_size=None, sampler=StreamSampler(stream, key), **kwargs)
+
+    def _shutdown_inner(self) -> None:
+        it, self._inner_it = self._inner_it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        inner = self._inner_loader
+        if inner is not None and getattr(inner, "_iterator", None) is not None:
+            inner._iterator._shutdown_workers()
+            inner._iterator = None
+        self._inner_loader = None
+
+    def _set_config(self, config: LoaderConfig) -> None:
+        """Switches configuration between epochs (no stream to carry over)."""
+        self._shutdown_inner()
+        self.config = config
+        self._rebuilds += 1
+
+    def _rebuild(self, config: LoaderConfig) -> None:
+        """Switches configuration mid-epoch at the current batch boundary."""
+        stream = self._stream
+        if stream is not None:
+            stream.requeue_issued(flatten=self._kind == "batch")
+        self._shutdown_inner()
+        self.config = config
+        self._rebuilds += 1
+        if stream is not None:
+            # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
+            self._inner_loader = self._build_loader(stream)
+            self._inner_it = iter(self._inner_loader)
+            self._note_workers()
+        self._timer.discard(max(2, config.num_workers))
+        self._window_deadline = time.perf_counter() + self.window_s
+
+    def _stream_requeue_front(self, items: Any) -> None:
+        stream = self._stream
+        if stream is None:
+            raise ReconfigureError("no epoch in progress to hand the failed batch back to")
+        # In-flight batches come after the failed one, so they go back first, then it in front.
+        stream.requeue_issued(flatten=True)
+        stream.requeue(items)
+
+    def _change(self, config: LoaderConfig, kind: str, reason: str, lr_factor: float | None = None) -> None:
+        if config == self.config:
+            return
+        before = self.config
+        if config.batch_size != before.batch_size:
+            lr_factor = self._follow_batch(before, config, lr_factor)
+        if self._iterable:
+            self._pending = config
+            when = "at the next epoch (IterableDataset)"
+        elif self._stream is None:
+            self._set_config(config)
+            when = "now"
+        else:
+            self._rebuild(config)
+            when = f"at step {self.step}"
+        logger.info("loadertune: %s %s -> %s %s: %s", kind, before.describe(), config.describe(), when, reason)
+        self.events_log.emit(
+            kind if kind != "reconfigure" else "change",
+            self.step,
+            self.epoch,
+            before=before.to_dict(),
+            after=config.to_dict(),
+            reason=reason,
+            lr_factor=lr_factor,
+            forced=kind == "reconfigure",
+        )
+
+    def _follow_batch(self, before: LoaderConfig, after: LoaderConfig, lr_factor: float | None) -> float | None:
+        ratio = after.batch_size / before.batch_size
+        if self._accumulation is not None:
+            k = self._accumulation * before.batch_size / after.batch_size
+            if k >= 1 and float(k).is_integer():
+                self._accumulation = int(k)
+                self._note_batch_increase(before, after, None)
+                return None
+        if lr_factor is None:
+            lr_factor = ratio**self._lr_exponent
+        if self._optimizer is not None and lr_factor != 1.0:
+            from loadertune.lr import scale_lr
+
+            scale_lr(self._optimizer, lr_factor, self._scheduler)
+        self._note_batch_increase(before, after, lr_factor)
+        return lr_factor
+
+    def _note_batch_increase(self, before: LoaderConfig, after: LoaderConfig, factor: float | None) -> None:
+        self._batch_increase = (before, factor) if after.batch_size > before.batch_size else None
+
+    # -- faults --------------------------------------------------------------------------------
+    def _pop_failed(self) -> None:
+        stream = self._stream
+        if stream is not None and stream.issued:
+            stream.issued.popleft()
+
+    def _recover(self, exc: RuntimeError) -> None:
+        if self._stream is None:
+            raise exc
+        before = self.config
+        fewer = max(0, before.num_workers - max(1, before.num_workers // 2))
+        logger.warning(
+            "loadertune: %s; rebuilding with num_workers=%d and resuming at step %d, no sample lost",
+            exc,
+            fewer,
+            self.step,
+        )
+        self._rebuild(before.replace(num_workers=fewer))
+        self._controller.note_external_change(self.config)
+        if self._controller.ceiling_workers is None or before.num_workers < self._controller.ceiling_workers:
+            self._controller.ceiling_workers = before.num_workers
+        self.events_log.emit(
+            "fault",
+            self.step,
+            self.epoch,
+            error=str(exc),
+            before=before.to_dict(),
+            after=self.config.to_dict(),
+        )
+
+    # -- windows -------------------------------------------------------------------------------
+    def _on_window(self, batch: Any) -> None:
+        now = time.perf_counter()
+        loop = self._timer.take()
+        self._window_deadline = now + self.window_s
+        ticks = self._sampler.window(loop.start_s, loop.end_s)
+        metrics = compute_metrics(loop, ticks, self.config)
+        self._batch_bytes = _nbytes(batch)
+        env = self._environment
+        if env.batch_bytes != self._batch_bytes:
+            env = self._environment = dataclasses.replace(env, batch_bytes=self._batch_bytes)
+        diagnosis = diagnose(metrics, self.config, env)
+        self.metrics, self.diagnosis = metrics, diagnosis
+        if self._first_rate is None:
+            self._first_rate = metrics.samples_per_s
+        self.events_log.emit(
+            "window",
+            self.step,
+            self.epoch,
+            config=self.config.to_dict(),
+            metrics=metrics.to_dict(),
+            diagnosis=diagnosis.to_dict(),
+        )
+        if self.mode == "recommend":
+            self._recommend(metrics, diagnosis)
+        else:
+            self._act(self._controller.decide(metrics, diagnosis, now))
+
+    def _recommend(self, metrics: WindowMetrics, diagnosis: Diagnosis) -> None:
+        bounds = self._bounds_now()
+        rec = plan(metrics, diagnosis, self.config, bounds, allow_batch_size=self._kind == "batch", lr_exponent=self._lr_exponent)
+        self.recommendation = rec
+        target = rec.config if rec is not None else None
+        if target == self._logged_rec:
+            return
+        self._logged_rec = target
+        if rec is None:
+            logger.info("loadertune: %s Keep %s.", diagnosis.summary, self.config.describe())
+            return
+        changes = ", ".join(f"{k}={a}->{b}" for k, a, b in ((k, *v) for k, v in rec.changes.items()))
+        extra = f" (expected ~{rec.expected_speedup:.1f}x samples/s)" if rec.expected_speedup else ""
+        lr = f"; scale the learning rate by {rec.lr_factor:.3g} ({self._lr_rule} rule)" if rec.lr_factor else ""
+        logger.info("loadertune: %s Recommend %s%s: %s%s.", diagnosis.summary, changes, extra, rec.reason, lr)
+        self.events_log.emit(
+            "recommendation",
+            self.step,
+            self.epoch,
+            recommendation=rec.to_dict(),
+            diagnosis=diagnosis.to_dict(),
+            metrics=metrics.to_dict(),
+        )
+
+    def _act(self, decision: Decision) -> None:
+        self.recommendation = decision.recommendation
+        if decision.action in ("change", "revert"):
+            self._change(decision.config, decision.action, decision.reason, lr_factor=decision.lr_factor)
+            return
+        if decision.action in ("keep", "retune"):
+            logger.info("loadertune: %s", decision.reason)
+            self.events_log.emit(decision.action, self.step, self.epoch, **decision.to_dict())
+
+    def _bounds_now(self) -> Bounds:
+        b = self._bounds
+        if self._batch_bytes is not None and b.batch_bytes != self._batch_bytes:
+            b = self._bounds = dataclasses.replace(b, batch_bytes=self._batch_bytes)
+            self._controller.bounds = b
+        return b
+
+    # -- set-up helpers ------------------------------------------------------------------------
+    def _resolve_lr(self, rule: str) -> tuple[str, float]:
+        choices = ("auto", *_LR_EXPONENTS)
+        if rule not in choices:
+            raise ValueError(f"lr_rule must be one of {', '.join(map(repr, choices))}, got {rule!r}")
+        if self._optimizer is None:
+            if self.allow_batch_size and rule not in ("none",):
+                raise ValueError(
+                    "allow_batch_size=True changes the batch size, so the learning rate must follow: "
+                    "pass optimizer= (and scheduler=), or lr_rule='none' to keep the learning rate"
+                )
+            return (rule if rule != "auto" else "linear"), _LR_EXPONENTS.get(rule, 1.0)
+        if rule == "auto":
+            from loadertune.lr import resolve_lr_rule
+
+            rule, why = resolve_lr_rule("auto", self._optimizer)
+            logger.info("loadertune: lr_rule='auto' chose %r: %s", rule, why)
+        return rule, _LR_EXPONENTS[rule]
+
+    def _seeded_dataset(self, dataset: Any, seed: int | None) -> Any:
+        if seed is None:
+            return dataset
+        if self._iterable:
+            raise ValueError(
+                "tune(seed=...) reseeds per sample index, which an IterableDataset does not have; "
+                "seed inside your dataset's __iter__ with torch.utils.data.get_worker_info() instead"
+            )
+        from loadertune.seeding import SeededDataset
+
+        return SeededDataset(dataset, seed)
+
+    def _key_fn(self) -> Callable[[int], Any] | None:
+        if self._seed is None:
+            return None
+        from loadertune.seeding import SampleKey
+
+        # Read the epoch when the key is made: a persistent loader lives across epochs.
+        return lambda i: SampleKey(self.epoch, i)
+
+    def _resolve_gpu(self, gpu: Any) -> Any:
+        if gpu is None or gpu is False:
+            return None
+        if gpu == "auto":
+            if not torch.cuda.is_available():
+                return None
+            try:
+                from loadertune.sources.nvml import NvmlGpu
+
+                return NvmlGpu(torch.cuda.current_device())
+            except Exception as exc:  # auto means best effort: no NVML, no GPU metrics
+                logger.info("loadertune: no GPU metrics (%s)", exc)
+                return None
+        if isinstance(gpu, str):
+            raise ValueError(f"gpu must be 'auto', None or a GPU source object, got {gpu!r}")
+        if not callable(getattr(gpu, "read", None)):
+            raise ValueError(
+                f"gpu must be 'auto', None or an object with read() (NvmlGpu, SimulatedGpu), got {type(gpu).__name__}"
+            )
+        return gpu
+
+    def _make_bounds(self, max_workers: int | None, share: float) -> Bounds:
+        from loadertune.sources.host import usable_cpus
+
+        cpus = usable_cpus()
+        ram = None
+        try:
+            import psutil
+
+            ram = int(psutil.virtual_memory().available * share)
+        except Exception:  # no RAM figure, no RAM bound
+            ram = None
+        return Bounds(
+            usable_cpus=cpus,
+            max_workers=max_workers or default_max_workers(cpus),
+            ram_budget_bytes=ram,
+        )
+
+    def _make_environment(self) -> Environment:
+        model = self._model
+        on_cuda = False
+        has_conv = False
+        if model is not None:
+            try:
+                on_cuda = next(model.parameters()).is_cuda
+            except StopIteration:
+                on_cuda = False
+            conv = (torch.nn.modules.conv._ConvNd,)
+            has_conv = any(isinstance(m, conv) for m in model.modules())
+        elif self._sampler.gpu is not None and torch.cuda.is_available():
+            on_cuda = True
+        return Environment(
+            on_cuda=on_cuda,
+            has_conv=has_conv,
+            cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+            cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+        )
+
+    def _note_workers(self) -> None:
+        host = self._sampler.host
+        set_pids = getattr(host, "set_worker_pids", None)
+        if set_pids is None:
+            return
+        it = self._inner_it
+        workers = getattr(it, "_workers", None) or []
+        set_pids([w.pid for w in workers if w.pid is not None])
+
+    def _summary(self) -> dict[str, Any]:
+        last = self.metrics.samples_per_s if self.metrics else None
+        first = self._first_rate
+        changes = [e for e in self.events_log.events if e.kind in ("change", "revert", "fault")]
+        text = (
+            f"summary: {self.step} batches over {self.epoch} epoch(s); "
+            f"{self._initial_config.describe()} -> {self.config.describe()}; {len(changes)} change(s)"
+        )
+        if first and last:
+            text += f"; {first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x)"
+        return {
+            "text": text,
+            "initial_config": self._initial_config.to_dict(),
+            "final_config": self.config.to_dict(),
+            "first_samples_per_s": first,
+            "last_samples_per_s": last,
+            "changes": len(changes),
+            "rebuilds": self._rebuilds,
+        }
+
+
+def _stream_kind(loader: DataLoader) -> str:
+    if isinstance(loader.dataset, IterableDataset):
+        return "iterable"
+    if loader.batch_sampler is None:
+        return "single"
+    if type(loader.batch_sampler) is BatchSampler:
+        return "batch"
+    return "batches"
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _check_accumulation(k: Any) -> int | None:
+    if k is None:
+        return None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"accumulation_steps must be an int >= 1, got {k!r}")
+    return k
+
+
+def _nbytes(batch: Any) -> int:
+    """Bytes of the tensors in a collated batch (nested tuples, lists and dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.element_size() * batch.nelement()
+    if isinstance(batch, dict):
+        return sum(_nbytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(_nbytes(v) for v in batch)
+    return 0
+
