@@ -377,6 +377,10 @@ class Controller:
             recommendation=rec,
         )
 
+    def adopt(self, decision: Decision) -> None:
+        """Follows a decision taken elsewhere (rank 0's, under torch.distributed)."""
+        self.config = decision.config
+
     def note_external_change(self, config: LoaderConfig) -> None:
         """Tells the controller the configuration changed outside it (reconfigure, a fault)."""
         self.config = config

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ MODES: tuple[Mode, ...] = ("recommend", "apply")
 
 _LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+_TORCH_WORKER_WARNING = "This DataLoader will create"
 
 
 def tune(
@@ -69,6 +71,7 @@ def tune(
     ram_budget_share: float = 0.5,
     host: Any = True,
     sinks: tuple[Callable[[Event], Any], ...] = (),
+    dist_timeout_s: float = 300.0,
 ) -> TunedLoader:
     """Wraps a DataLoader so that it watches the training run and tunes the loading.
 
@@ -100,6 +103,8 @@ def tune(
             use (default one half).
         host: True for psutil host metrics, None to go without.
         sinks: Callables that receive every :class:`~loadertune.events.Event`.
+        dist_timeout_s: Under ``torch.distributed``, how long a rank waits for the others at a
+            collective decision before raising ``DistributedTimeoutError``.
 
     Returns:
         A :class:`TunedLoader`; iterate it exactly as the DataLoader.
@@ -126,6 +131,7 @@ def tune(
         ram_budget_share=ram_budget_share,
         host=host,
         sinks=sinks,
+        dist_timeout_s=dist_timeout_s,
     )
 
 
@@ -180,6 +186,7 @@ class TunedLoader:
                 + ", whose batches loadertune cannot re-cut"
             )
 
+        self._collective = _make_collective(options["dist_timeout_s"])
         self.events_log = EventLog(options["log_file"], sinks=tuple(options["sinks"]))
         self._sampler = Sampler(options["interval_s"], gpu=self._resolve_gpu(options["gpu"]), host=options["host"])
         self._bounds = self._make_bounds(options["max_workers"], share)
@@ -205,6 +212,8 @@ class TunedLoader:
         self._last_consumed: Any = None
         self._base_seed_drawn = False
         self._window_deadline = math.inf
+        self._window_step = 0
+        self._dist_window_steps = max(4 * mwb, 40)
         self._logged_rec: LoaderConfig | None = None
         self._batch_bytes: int | None = None
         self._batch_increase: tuple[LoaderConfig, float | None] | None = None
@@ -268,7 +277,7 @@ class TunedLoader:
             n = self.config.batch_size or 1
         self.step += 1
         self._timer.record(requested, returned, n)
-        if returned >= self._window_deadline and self._timer.batches >= self.min_window_batches:
+        if returned >= self._window_deadline and self.step >= self._window_step:
             self._on_window(batch)
         elif self._batch_bytes is None:
             self._batch_bytes = _nbytes(batch)
@@ -422,7 +431,7 @@ class TunedLoader:
             self._stream = None
             if self._inner_loader is None:
                 self._inner_loader = self._build_loader(None)
-            self._inner_it = iter(self._inner_loader)
+            self._inner_it = _iterate(self._inner_loader)
         else:
             source = loader.batch_sampler if self._kind == "batches" else (
                 loader.batch_sampler.sampler if self._kind == "batch" else loader.sampler
@@ -443,11 +452,11 @@ class TunedLoader:
                 inner = self._inner_loader
                 sampler = inner.sampler if self._kind == "single" else inner.batch_sampler
                 sampler.stream = self._stream  # type: ignore[union-attr]
-            self._inner_it = iter(self._inner_loader)
+            self._inner_it = _iterate(self._inner_loader)
         self._note_workers()
         self._timer.epoch_started()
         if self._window_deadline == math.inf:
-            self._window_deadline = time.perf_counter() + self.window_s
+            self._open_window()
 
     def _end_epoch(self) -> None:
         if not self.config.persistent_workers:
@@ -473,6 +482,11 @@ class TunedLoader:
         return gen
 
     def _build_loader(self, stream: EpochStream | None) -> DataLoader:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+            return self._new_loader(stream)
+
+    def _new_loader(self, stream: EpochStream | None) -> DataLoader:
         c = self.config
         loader = self.loader
         kwargs: dict[str, Any] = {
@@ -530,10 +544,12 @@ class TunedLoader:
         if stream is not None:
             # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
             self._inner_loader = self._build_loader(stream)
-            self._inner_it = iter(self._inner_loader)
+            self._inner_it = _iterate(self._inner_loader)
             self._note_workers()
-        self._timer.discard(max(2, config.num_workers))
-        self._window_deadline = time.perf_counter() + self.window_s
+        warmup = max(2, config.num_workers)
+        self._timer.discard(warmup)
+        if self._collective is None:
+            self._open_window(warmup)
 
     def _stream_requeue_front(self, items: Any) -> None:
         stream = self._stream
@@ -621,12 +637,26 @@ class TunedLoader:
         )
 
     # -- windows -------------------------------------------------------------------------------
+    def _open_window(self, discard: int = 0) -> None:
+        if self._collective is None:
+            self._window_deadline = time.perf_counter() + self.window_s
+            self._window_step = self.step + discard + self.min_window_batches
+        else:
+            # Every rank closes its window at the same step, so every rank decides at that step.
+            self._window_deadline = -math.inf
+            self._window_step = self.step + discard + self._dist_window_steps
+
     def _on_window(self, batch: Any) -> None:
         now = time.perf_counter()
         loop = self._timer.take()
-        self._window_deadline = now + self.window_s
         ticks = self._sampler.window(loop.start_s, loop.end_s)
         metrics = compute_metrics(loop, ticks, self.config)
+        collective = self._collective
+        if collective is not None:
+            metrics = collective.reduce_metrics(metrics)
+            wanted = max(self.min_window_batches, math.ceil(self.window_s * metrics.batches_per_s))
+            self._dist_window_steps = collective.max_int(wanted)
+        self._open_window()
         self._batch_bytes = _nbytes(batch)
         env = self._environment
         if env.batch_bytes != self._batch_bytes:
@@ -645,16 +675,24 @@ class TunedLoader:
         )
         if self.mode == "recommend":
             self._recommend(metrics, diagnosis)
-        else:
-            self._act(self._controller.decide(metrics, diagnosis, now))
+            return
+        decision = self._controller.decide(metrics, diagnosis, now)
+        if collective is not None:
+            # Rank 0's decision is everyone's: cooldowns and bounds may differ per rank.
+            decision = collective.broadcast(decision)
+            self._controller.adopt(decision)
+        self._act(decision)
 
     def _recommend(self, metrics: WindowMetrics, diagnosis: Diagnosis) -> None:
         bounds = self._bounds_now()
         rec = plan(metrics, diagnosis, self.config, bounds, allow_batch_size=self._kind == "batch", lr_exponent=self._lr_exponent)
+        if self._collective is not None:
+            rec = self._collective.broadcast(rec)
         self.recommendation = rec
-        target = rec.config if rec is not None else None
-        if target == self._logged_rec:
+        if _similar(rec.config if rec else None, self._logged_rec):
+            # Rates wobble between windows; repeat a recommendation only when it really changes.
             return
+        target = rec.config if rec is not None else None
         self._logged_rec = target
         if rec is None:
             logger.info("loadertune: %s Keep %s.", diagnosis.summary, self.config.describe())
@@ -752,6 +790,9 @@ class TunedLoader:
         from loadertune.sources.host import usable_cpus
 
         cpus = usable_cpus()
+        if self._collective is not None:
+            # Each rank's worker budget is its share of the node.
+            cpus = max(1, cpus // self._collective.local_world_size)
         ram = None
         try:
             import psutil
@@ -813,6 +854,33 @@ class TunedLoader:
             "changes": len(changes),
             "rebuilds": self._rebuilds,
         }
+
+
+def _similar(a: LoaderConfig | None, b: LoaderConfig | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a.replace(num_workers=b.num_workers, prefetch_factor=b.prefetch_factor) != b:
+        return False
+    return abs(a.num_workers - b.num_workers) <= max(1, 0.2 * b.num_workers)
+
+
+def _iterate(loader: DataLoader) -> Iterator[Any]:
+    with warnings.catch_warnings():
+        # torch warns past its suggested worker count (the usable CPUs); loadertune goes past it
+        # on purpose for I/O-bound loads and bounds CPU-bound ones itself.
+        warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+        return iter(loader)
+
+
+def _make_collective(timeout_s: float) -> Any:
+    _check_positive("dist_timeout_s", timeout_s)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    from loadertune.distributed import Collective
+
+    return Collective(timeout_s=timeout_s)
 
 
 def _stream_kind(loader: DataLoader) -> str:
