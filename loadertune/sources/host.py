@@ -1,0 +1,351 @@
+"""Host readings: CPU, memory, /dev/shm, cgroup limits, and the DataLoader worker processes.
+
+psutil keeps a process's CPU baseline on its ``Process`` object, so the worker objects live
+between readings; the host's CPU baseline is kept here too (not in psutil's module-global one,
+which any other caller of ``psutil.cpu_percent`` would reset).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import psutil
+
+from loadertune.sources import cgroup
+from loadertune.sources.base import HostReading
+
+__all__ = ["HostSource", "shm_bytes", "usable_cpus"]
+
+_log = logging.getLogger("loadertune")
+_T = TypeVar("_T")
+# A worker that vanished between listing and reading; none of these is an error for us.
+_GONE = (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied)
+
+
+def _affinity_cpus() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return None
+
+
+def usable_cpus(
+    *,
+    cgroup_root: str | os.PathLike[str] = cgroup.DEFAULT_ROOT,
+    proc_cgroup: str | os.PathLike[str] = cgroup.DEFAULT_PROC_CGROUP,
+) -> int:
+    """CPUs this process can keep busy: min(CPU affinity, cgroup CPU quota rounded up), >= 1.
+
+    Args:
+        cgroup_root: Where the cgroup filesystem is mounted.
+        proc_cgroup: The file listing this process's cgroups.
+
+    Returns:
+        The count; ``os.cpu_count()`` stands in for the affinity set where there is none.
+    """
+    affinity = _affinity_cpus()
+    cpus = len(affinity) if affinity else (os.cpu_count() or 1)
+    quota = cgroup.cpu_quota_cores(cgroup_root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def shm_bytes(path: str | os.PathLike[str] = "/dev/shm") -> tuple[int, int] | None:
+    """Free and total bytes of the filesystem at ``path`` (where workers pass batches).
+
+    Args:
+        path: Mount point to measure.
+
+    Returns:
+        ``(free_bytes, total_bytes)`` as an unprivileged process sees them, or None when the
+        path cannot be measured.
+    """
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def _tot_time(t: Any) -> float:
+    # Linux counts guest time inside user/nice as well; psutil and htop subtract it too.
+    return sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def _busy_pct(before: Any, after: Any) -> float | None:
+    """Busy share between two ``cpu_times`` snapshots of one CPU, 0-100; None if no time passed."""
+    total = _tot_time(after) - _tot_time(before)
+    if total <= 0:
+        return None
+    idle = (after.idle + getattr(after, "iowait", 0.0)) - (
+        before.idle + getattr(before, "iowait", 0.0)
+    )
+    return min(100.0, max(0.0, 100.0 * (total - idle) / total))
+
+
+def _child_pids(pid: int) -> set[int]:
+    """Every descendant of ``pid``.
+
+    Linux lists each thread's children in /proc, which costs a few reads; psutil's way scans
+    every process on the host, too slow for a 10 Hz sampler on a busy machine. Descendants, not
+    only children, because forkserver workers are grandchildren.
+    """
+    found: set[int] = set()
+    todo = [pid]
+    try:
+        if not os.path.isdir(f"/proc/{pid}/task"):
+            raise FileNotFoundError(f"/proc/{pid}/task")  # not Linux, or /proc not mounted
+        while todo:
+            parent = todo.pop()
+            try:
+                tids = os.listdir(f"/proc/{parent}/task")
+            except FileNotFoundError:
+                continue  # exited meanwhile
+            for tid in tids:
+                try:
+                    with open(f"/proc/{parent}/task/{tid}/children") as f:
+                        kids = {int(p) for p in f.read().split()}
+                except FileNotFoundError:
+                    if not os.path.exists(f"/proc/{parent}/task/{tid}"):
+                        continue  # thread exited meanwhile
+                    raise  # no children files: kernel without CONFIG_PROC_CHILDREN
+                todo.extend(kids - found)
+                found |= kids
+        return found
+    except (OSError, ValueError):
+        try:
+            return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            return set()
+
+
+class HostSource:
+    """Reads the host and this process's DataLoader workers; cheap enough for ~10 reads/s.
+
+    A process's CPU share needs a baseline from an earlier reading: a worker seen for the first
+    time is counted in ``worker_count`` and RSS but not yet in ``workers_cpu_pct`` (None while no
+    worker has a baseline); the host's and this process's baselines are taken at construction.
+    Worker PSS walks each worker's address space, so it is measured at most every
+    ``pss_interval_s`` and the last sum is reported in between.
+
+    Args:
+        pss_interval_s: Least time between two PSS measurements, in seconds (0 = every read).
+        shm_path: Where shared memory is mounted.
+        cgroup_root: Where the cgroup filesystem is mounted.
+        proc_cgroup: The file listing this process's cgroups.
+        clock: Monotonic clock in seconds, for the PSS interval.
+
+    Raises:
+        ValueError: ``pss_interval_s`` is negative or not a finite number.
+    """
+
+    def __init__(
+        self,
+        pss_interval_s: float = 5.0,
+        *,
+        shm_path: str | os.PathLike[str] = "/dev/shm",
+        cgroup_root: str | os.PathLike[str] = cgroup.DEFAULT_ROOT,
+        proc_cgroup: str | os.PathLike[str] = cgroup.DEFAULT_PROC_CGROUP,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if (
+            isinstance(pss_interval_s, bool)
+            or not isinstance(pss_interval_s, (int, float))
+            or not math.isfinite(pss_interval_s)
+            or pss_interval_s < 0
+        ):
+            raise ValueError(
+                f"pss_interval_s must be a finite number of seconds >= 0, got {pss_interval_s!r}"
+            )
+        self._pss_interval_s = float(pss_interval_s)
+        self._shm_path = shm_path
+        self._cgroup_root = cgroup_root
+        self._proc_cgroup = proc_cgroup
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._explicit: set[int] | None = None
+        self._workers: dict[int, psutil.Process] = {}
+        self._pss_at_s = -math.inf
+        self._workers_pss_bytes: int | None = None
+        self._me = psutil.Process()
+        self._me.cpu_percent(None)  # baseline for the first read
+        self._cpu_times: Sequence[Any] | None = self._guard("cpu_times", _percpu_times)
+
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """PIDs of the worker processes seen at the last reading, sorted."""
+        with self._lock:
+            return tuple(sorted(self._workers))
+
+    def set_worker_pids(self, pids: Iterable[int] | None) -> None:
+        """Say which processes are the DataLoader workers.
+
+        Args:
+            pids: Worker PIDs, or None for every descendant of this process (DataLoader workers
+                are children, or grandchildren under forkserver; other helpers such as
+                multiprocessing's resource tracker are counted too).
+
+        Raises:
+            ValueError: A PID is not a positive int, or is this process.
+        """
+        if pids is None:
+            explicit = None
+        else:
+            explicit = set()
+            for pid in pids:
+                if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+                    raise ValueError(f"worker pids must be positive ints, got {pid!r}")
+                if pid == os.getpid():
+                    raise ValueError(f"pid {pid} is this process, not one of its workers")
+                explicit.add(pid)
+        with self._lock:
+            self._explicit = explicit
+
+    def read(self) -> HostReading:
+        """Take one reading. Never raises for a single metric: that field is None.
+
+        Returns:
+            The reading.
+        """
+        with self._lock:
+            usable = self._guard("usable_cpus", self._usable_core_ids)
+            per_core = self._guard("cpu_per_core_pct", self._per_core, usable)
+            workers = self._guard("workers", self._read_workers)
+            workers_cpu, workers_rss = (None, None) if workers is None else workers
+            vm = self._guard("virtual_memory", psutil.virtual_memory)
+            limit = self._guard("memory_limit", cgroup.memory_limit_bytes, *self._cg)
+            headroom = self._guard("memory_headroom", cgroup.memory_headroom_bytes, *self._cg)
+            swap = self._guard("swap_memory", psutil.swap_memory)
+            shm = self._guard("shm", shm_bytes, self._shm_path)
+            throttling = self._guard("cgroup_throttling", cgroup.throttling, *self._cg)
+            return HostReading(
+                cpu_pct=None if not per_core else sum(per_core) / len(per_core),
+                cpu_per_core_pct=per_core,
+                process_cpu_pct=self._guard("process_cpu_pct", self._me.cpu_percent, None),
+                workers_cpu_pct=workers_cpu,
+                worker_count=len(self._workers),
+                process_rss_bytes=self._guard("process_rss_bytes", self._process_rss),
+                workers_rss_bytes=workers_rss,
+                workers_pss_bytes=self._workers_pss_bytes,
+                # In a container the host's figures overstate what this cgroup may use.
+                ram_available_bytes=_min_known(None if vm is None else vm.available, headroom),
+                ram_total_bytes=_min_known(None if vm is None else vm.total, limit),
+                swap_used_bytes=None if swap is None else swap.used,
+                shm_free_bytes=None if shm is None else shm[0],
+                shm_total_bytes=None if shm is None else shm[1],
+                usable_cpus=None if usable is None else usable[1],
+                cgroup_nr_throttled=None if throttling is None else throttling.nr_throttled,
+            )
+
+    def close(self) -> None:
+        """Forget the worker processes and baselines."""
+        with self._lock:
+            self._workers.clear()
+            self._explicit = None
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    @property
+    def _cg(self) -> tuple[str | os.PathLike[str], str | os.PathLike[str]]:
+        return self._cgroup_root, self._proc_cgroup
+
+    def _guard(self, metric: str, fn: Callable[..., _T], *args: Any) -> _T | None:
+        try:
+            return fn(*args)
+        except Exception as exc:  # one metric's failure must not cost the reading
+            if metric not in self._warned:
+                self._warned.add(metric)
+                _log.warning("loadertune: host metric %s unavailable (%r); it is None", metric, exc)
+            else:
+                _log.debug("host metric %s failed again: %r", metric, exc)
+            return None
+
+    def _usable_core_ids(self) -> tuple[set[int] | None, int]:
+        return _affinity_cpus(), usable_cpus(
+            cgroup_root=self._cgroup_root, proc_cgroup=self._proc_cgroup
+        )
+
+    def _per_core(self, usable: tuple[set[int] | None, int] | None) -> tuple[float, ...] | None:
+        before, after = self._cpu_times, _percpu_times()
+        self._cpu_times = after
+        if before is None or len(before) != len(after):
+            return None  # first reading, or CPUs went on/offline
+        ids = range(len(after))
+        affinity = None if usable is None else usable[0]
+        # psutil lists online CPUs only, so list positions are CPU ids only when all are online.
+        if affinity and len(after) == os.cpu_count():
+            ids = [i for i in ids if i in affinity] or ids
+        shares = [_busy_pct(before[i], after[i]) for i in ids]
+        if any(s is None for s in shares):
+            return None  # too little time since the previous reading to measure
+        return tuple(s for s in shares if s is not None)
+
+    def _process_rss(self) -> int:
+        return self._me.memory_info().rss
+
+    def _read_workers(self) -> tuple[float | None, int | None]:
+        """Update the worker set and return (summed CPU %, summed RSS); measure PSS when due."""
+        pids = set(self._explicit) if self._explicit is not None else _child_pids(os.getpid())
+        for pid in set(self._workers) - pids:
+            del self._workers[pid]
+        cpu_total, primed = 0.0, 0
+        for pid in pids:
+            proc = self._workers.get(pid)
+            try:
+                if proc is None:
+                    proc = psutil.Process(pid)
+                    proc.cpu_percent(None)  # baseline; its first value would be a meaningless 0.0
+                    self._workers[pid] = proc
+                else:
+                    cpu_total += proc.cpu_percent(None)
+                    primed += 1
+            except _GONE:
+                self._forget(pid)
+        rss_total = 0
+        for pid, proc in list(self._workers.items()):
+            try:
+                rss_total += proc.memory_info().rss
+            except _GONE:
+                self._forget(pid)
+        now = self._clock()
+        if not self._workers:
+            self._workers_pss_bytes = 0
+        elif now - self._pss_at_s >= self._pss_interval_s:
+            # The clock starts only with a real walk, so the first workers are measured at once.
+            self._pss_at_s = now
+            self._workers_pss_bytes = self._sum_pss()
+        if not self._workers:
+            return 0.0, 0
+        return (cpu_total if primed else None), rss_total
+
+    def _sum_pss(self) -> int:
+        total = 0
+        for pid, proc in list(self._workers.items()):
+            try:
+                total += proc.memory_full_info().pss
+            except _GONE:
+                self._forget(pid)
+        return total
+
+    def _forget(self, pid: int) -> None:
+        self._workers.pop(pid, None)
+        if self._explicit is not None:
+            # A dead pid may be reused by an unrelated process: never follow it again.
+            self._explicit.discard(pid)
+
+
+def _percpu_times() -> Sequence[Any]:
+    return psutil.cpu_times(percpu=True)
+
+
+def _min_known(a: int | None, b: int | None) -> int | None:
+    known = [v for v in (a, b) if v is not None]
+    return min(known) if known else None
