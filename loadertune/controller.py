@@ -61,6 +61,7 @@ class WorkerEstimate:
         cpu_cap: Workers the CPUs can keep busy, None when the CPU cost is unknown.
         ram_cap: Workers the RAM budget allows, None when unknown.
         shm_cap: Workers /dev/shm allows, None when unknown.
+        spare_cpus: CPUs left for workers after the training loop's own share.
     """
 
     needed: int
@@ -71,6 +72,7 @@ class WorkerEstimate:
     cpu_cap: int | None = None
     ram_cap: int | None = None
     shm_cap: int | None = None
+    spare_cpus: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,16 +120,17 @@ def estimate_workers(metrics: WindowMetrics, config: LoaderConfig, bounds: Bound
     needed = bounds.max_workers if math.isinf(demand) else max(1, math.ceil(load * demand * _AIM_MARGIN))
     caps: dict[str, int] = {"max_workers": bounds.max_workers}
     cpu_cap = ram_cap = shm_cap = None
+    loop_cpu = 0.0
+    if m.process_cpu_pct is not None:
+        loop_cpu = m.process_cpu_pct / 100.0
+        if w == 0 and m.loader_cpu_s_per_batch is not None:
+            loop_cpu -= m.loader_cpu_s_per_batch * m.batches_per_s
+    spare = max(1.0, bounds.usable_cpus - max(0.0, loop_cpu))
     if m.loader_cpu_s_per_batch is not None and m.loader_cpu_s_per_batch > 0:
         # Share of a core one busy worker uses: ~1 for CPU-bound loads, ~0 for I/O waits.
         per_worker = min(1.0, m.loader_cpu_s_per_batch / load)
-        loop_cpu = 0.0
-        if m.process_cpu_pct is not None:
-            loop_cpu = m.process_cpu_pct / 100.0
-            if w == 0:
-                loop_cpu -= m.loader_cpu_s_per_batch * m.batches_per_s
-        spare = max(1.0, bounds.usable_cpus - max(0.0, loop_cpu))
-        cpu_cap = max(1, math.floor(spare / per_worker + 1e-9))
+        # Round, not floor: a loop using a tenth of a core should not cost a whole worker.
+        cpu_cap = max(1, round(spare / per_worker))
         caps["cpu"] = cpu_cap
     if bounds.ram_budget_bytes is not None and m.worker_mem_bytes:
         ram_cap = max(1, bounds.ram_budget_bytes // m.worker_mem_bytes)
@@ -147,6 +150,7 @@ def estimate_workers(metrics: WindowMetrics, config: LoaderConfig, bounds: Bound
         cpu_cap=cpu_cap,
         ram_cap=ram_cap,
         shm_cap=shm_cap,
+        spare_cpus=spare,
     )
 
 
@@ -193,11 +197,14 @@ def plan(
                 f"takes {_per_s(estimate.demand_batches_per_s)} batches/s: about {estimate.needed} "
                 f"workers keep up{bound}"
             )
-    elif kind == "cpu_bound" and estimate is not None and estimate.cpu_cap is not None and w > estimate.cpu_cap:
-        new = new.replace(num_workers=estimate.cpu_cap)
+    elif kind == "cpu_bound" and estimate is not None and w > round(estimate.spare_cpus):
+        # Saturated CPUs: workers beyond the spare cores only queue for them (and the per-worker
+        # share measured under contention understates what one worker needs).
+        cap = max(1, round(estimate.spare_cpus))
+        new = new.replace(num_workers=cap)
         reason = (
             f"the load is CPU-bound and {w} workers oversubscribe {bounds.usable_cpus} usable CPUs; "
-            f"{estimate.cpu_cap} do the same work with less contention"
+            f"{cap} do the same work with less contention"
         )
     elif kind == "memory_bound" and w > 0:
         caps = [c for c in (estimate.ram_cap, estimate.shm_cap) if c is not None] if estimate else []

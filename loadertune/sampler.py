@@ -129,8 +129,9 @@ class Sampler:
             raise ValueError(f"gpu must have a read() method returning a GpuReading, got {type(gpu).__name__}")
         self.interval_s = float(interval_s)
         self._gpu = gpu
-        self._host_arg = host
-        self._host: Any = None
+        # The psutil source is built on start(), so constructing a Sampler stays cheap.
+        self._want_host = host is True
+        self._host: Any = None if host is True else self._check_host(host)
         self._buf = np.full((capacity, len(SAMPLE_FIELDS) + 1), np.nan)
         self._capacity = capacity
         self._ticks = 0
@@ -143,8 +144,11 @@ class Sampler:
         """Starts the thread (a no-op if it runs already). Returns self."""
         if self._thread is not None and self._thread.is_alive():
             return self
-        if self._host is None and self._host_arg is not None and self._host_arg is not False:
-            self._host = self._make_host(self._host_arg)
+        if self._want_host and self._host is None:
+            from loadertune.sources.host import HostSource
+
+            self._host = HostSource()
+            self._want_host = False
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="loadertune-sampler", daemon=True)
         self._thread.start()
@@ -278,11 +282,9 @@ class Sampler:
             return None
 
     @staticmethod
-    def _make_host(host: Any) -> Any:
-        if host is True:
-            from loadertune.sources.host import HostSource
-
-            return HostSource()
+    def _check_host(host: Any) -> Any:
+        if host is None or host is False:
+            return None
         if not callable(getattr(host, "read", None)):
             raise ValueError(f"host must be True, None or an object with read(), got {type(host).__name__}")
         return host

@@ -1,0 +1,40 @@
+"""Builders for plain data used across tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loadertune.metrics import WindowMetrics
+
+GIB = 2**30
+
+
+def metrics(**overrides: Any) -> WindowMetrics:
+    """A window of a healthy, balanced job (override what a test is about)."""
+    base: dict[str, Any] = {
+        "duration_s": 2.0,
+        "batches": 100,
+        "samples": 3200,
+        "samples_per_s": 1600.0,
+        "batches_per_s": 50.0,
+        "wait_share": 0.01,
+        "wait_s_per_batch": 0.0002,
+        "compute_s_per_batch": 0.0198,
+        "rate_rel_stderr": 0.01,
+        "loader_cpu_s_per_batch": None,
+        "gpu_util_mean_pct": 95.0,
+        "gpu_util_std_pct": 3.0,
+        "gpu_idle_share": 0.0,
+        "gpu_mem_used_bytes": 60 * GIB,
+        "gpu_mem_total_bytes": 80 * GIB,
+        "cpu_pct": 30.0,
+        "usable_cpus": 8,
+        "process_cpu_pct": 100.0,
+        "ram_available_bytes": 40 * GIB,
+        "ram_total_bytes": 64 * GIB,
+        "shm_free_bytes": 16 * GIB,
+        "shm_total_bytes": 16 * GIB,
+        "ticks": 20,
+    }
+    base.update(overrides)
+    return WindowMetrics(**base)

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import pytest
+from _factories import GIB, metrics
+
+from loadertune.config import LoaderConfig
+from loadertune.controller import Bounds, Controller, default_max_workers, estimate_workers, plan
+from loadertune.diagnose import diagnose
+
+BOUNDS = Bounds(usable_cpus=2, max_workers=16, ram_budget_bytes=8 * GIB)
+
+
+def latency_bound_at_zero(**kw):
+    # 32 samples x 4 ms of I/O per batch = 128 ms in next(); 20 ms step; little CPU.
+    base = dict(
+        wait_share=0.86, wait_s_per_batch=0.128, compute_s_per_batch=0.02, batches_per_s=6.7,
+        samples_per_s=216.0, loader_cpu_s_per_batch=0.004, cpu_pct=25.0, usable_cpus=2,
+        process_cpu_pct=5.0, gpu_util_mean_pct=13.0, gpu_util_std_pct=30.0, gpu_idle_share=0.8,
+    )
+    base.update(kw)
+    return metrics(**base)
+
+
+def test_latency_bound_at_zero_workers_aims_at_the_rate_that_keeps_up():
+    cfg = LoaderConfig(num_workers=0, batch_size=32)
+    m = latency_bound_at_zero()
+    est = estimate_workers(m, cfg, BOUNDS)
+    # 128 ms per batch per worker against 50 batches/s: ~6.4 workers, aimed a bit above.
+    assert est.needed == 8 and est.limited_by == "rates"
+    assert est.cpu_cap > 16
+    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS)
+    assert rec.config.num_workers >= 3
+    assert rec.changes["num_workers"] == (0, 8)
+    assert rec.expected_speedup > 3
+    assert rec.lr_factor is None
+
+
+def test_cpu_bound_load_is_capped_by_the_cores():
+    cfg = LoaderConfig(num_workers=0, batch_size=32)
+    # Loading burns all of its time on the CPU.
+    m = latency_bound_at_zero(loader_cpu_s_per_batch=0.125, process_cpu_pct=95.0)
+    est = estimate_workers(m, cfg, BOUNDS)
+    assert est.limited_by == "cpu" and est.target == 2
+
+
+def test_oversubscribed_cpu_bound_load_steps_down_to_the_cores():
+    cfg = LoaderConfig(num_workers=6, batch_size=32)
+    m = metrics(
+        wait_share=0.5, wait_s_per_batch=0.02, compute_s_per_batch=0.02, batches_per_s=25,
+        cpu_pct=99.0, usable_cpus=2, process_cpu_pct=10.0, loader_cpu_s_per_batch=0.08,
+    )
+    d = diagnose(m, cfg)
+    assert d.kind == "cpu_bound"
+    rec = plan(m, d, cfg, BOUNDS)
+    assert rec is not None and rec.config.num_workers == 2
+
+
+def test_cpu_bound_within_the_cores_recommends_no_more_workers():
+    cfg = LoaderConfig(num_workers=2, batch_size=32)
+    m = metrics(
+        wait_share=0.5, wait_s_per_batch=0.02, compute_s_per_batch=0.02, batches_per_s=25,
+        cpu_pct=99.0, usable_cpus=2, process_cpu_pct=10.0, loader_cpu_s_per_batch=0.08,
+    )
+    assert plan(m, diagnose(m, cfg), cfg, BOUNDS) is None
+
+
+def test_ram_budget_bounds_workers():
+    cfg = LoaderConfig(num_workers=2, batch_size=32)
+    m = latency_bound_at_zero(wait_s_per_batch=0.05, batches_per_s=10, worker_mem_bytes=3 * GIB)
+    est = estimate_workers(m, cfg, BOUNDS)
+    assert est.ram_cap == 2 and est.target == 2 and est.limited_by == "ram"
+
+
+def test_shm_bounds_workers():
+    cfg = LoaderConfig(num_workers=0, batch_size=32)
+    bounds = Bounds(usable_cpus=2, max_workers=16, batch_bytes=256 * 2**20)
+    m = latency_bound_at_zero(shm_free_bytes=2 * GIB)
+    est = estimate_workers(m, cfg, bounds)
+    # Half of 2 GiB over (2 prefetch x 256 MiB) = 2 workers.
+    assert est.shm_cap == 2 and est.target == 2
+
+
+def test_batch_headroom_doubles_batch_with_lr_factor():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
+    d = diagnose(m, cfg)
+    rec = plan(m, d, cfg, BOUNDS, lr_exponent=0.5)
+    assert rec.config.batch_size == 64
+    assert rec.lr_factor == pytest.approx(2**0.5)
+    assert plan(m, d, cfg, BOUNDS, allow_batch_size=False) is None
+    capped = plan(m, d, cfg, Bounds(usable_cpus=2, max_workers=16, max_batch_size=48))
+    assert capped.config.batch_size == 48
+
+
+def test_balanced_needs_nothing():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    assert plan(metrics(), diagnose(metrics(), cfg), cfg, BOUNDS) is None
+
+
+def test_default_max_workers_goes_beyond_the_cores():
+    assert default_max_workers(1) == 8 and default_max_workers(2) == 16 and default_max_workers(64) == 64
+
+
+def _controller(cfg=None, **kw):
+    return Controller(cfg or LoaderConfig(num_workers=0, batch_size=32), BOUNDS, **kw)
+
+
+def test_change_then_keep_when_throughput_rises():
+    c = _controller()
+    m0 = latency_bound_at_zero()
+    d = c.decide(m0, diagnose(m0, c.config), now_s=0.0)
+    assert d.action == "change" and d.config.num_workers == 8
+    m1 = metrics(samples_per_s=1500.0, wait_share=0.02)
+    k = c.decide(m1, diagnose(m1, c.config), now_s=3.0)
+    assert k.action == "keep" and k.before_samples_per_s == 216.0 and k.after_samples_per_s == 1500.0
+    assert c.config.num_workers == 8
+
+
+def test_revert_within_noise_sets_a_ceiling_and_converges():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    c = _controller(cfg)
+    m0 = metrics(wait_share=0.3, wait_s_per_batch=0.006, compute_s_per_batch=0.014, batches_per_s=50, samples_per_s=1600, loader_cpu_s_per_batch=0.001)
+    d = c.decide(m0, diagnose(m0, cfg), now_s=0.0)
+    assert d.action == "change" and d.config.num_workers > 4
+    tried = d.config.num_workers
+    m1 = metrics(samples_per_s=1630.0, wait_share=0.28)
+    r = c.decide(m1, diagnose(m1, c.config), now_s=3.0)
+    assert r.action == "revert" and r.config == cfg
+    assert c.ceiling_workers == tried and c.converged
+    # Converged: holds even though waiting persists.
+    h = c.decide(m1, diagnose(m1, c.config), now_s=10.0)
+    assert h.action == "hold"
+
+
+def test_noise_raises_the_bar_for_keeping():
+    c = _controller(LoaderConfig(num_workers=4, batch_size=32))
+    m0 = metrics(wait_share=0.3, wait_s_per_batch=0.006, compute_s_per_batch=0.014, batches_per_s=50, rate_rel_stderr=0.08)
+    c.decide(m0, diagnose(m0, c.config), now_s=0.0)
+    # +12% is above the 5% floor but within 2 x hypot(8%, 8%) = 22.6% of noise.
+    m1 = metrics(samples_per_s=1600 * 1.12, rate_rel_stderr=0.08)
+    assert c.decide(m1, diagnose(m1, c.config), now_s=3.0).action == "revert"
+
+
+def test_drift_reopens_tuning_after_two_slow_windows():
+    c = _controller(LoaderConfig(num_workers=4, batch_size=32))
+    m = metrics()
+    assert c.decide(m, diagnose(m, c.config), 0.0).action == "hold"
+    assert c.converged
+    slow = metrics(samples_per_s=600.0, wait_share=0.6, wait_s_per_batch=0.03, compute_s_per_batch=0.02, batches_per_s=20)
+    assert c.decide(slow, diagnose(slow, c.config), 5.0).action == "hold"
+    assert c.decide(slow, diagnose(slow, c.config), 7.0).action == "retune"
+    assert c.decide(slow, diagnose(slow, c.config), 9.0).action == "change"
+
+
+def test_a_single_slow_window_is_not_drift():
+    c = _controller(LoaderConfig(num_workers=4, batch_size=32))
+    m = metrics()
+    c.decide(m, diagnose(m, c.config), 0.0)
+    slow = metrics(samples_per_s=600.0)
+    c.decide(slow, diagnose(slow, c.config), 5.0)
+    assert c.decide(m, diagnose(m, c.config), 7.0).action == "hold"
+    assert c.decide(slow, diagnose(slow, c.config), 9.0).action == "hold"
+
+
+def test_cooldown_holds_between_changes():
+    c = _controller(cooldown_s=10.0)
+    m0 = latency_bound_at_zero()
+    c.decide(m0, diagnose(m0, c.config), now_s=0.0)
+    m1 = latency_bound_at_zero(samples_per_s=800.0)
+    # Kept (a large gain) but still starved: the next change waits for the cooldown.
+    c.decide(m1, diagnose(m1, c.config), now_s=2.0)
+    assert c.decide(m1, diagnose(m1, c.config), now_s=4.0).action == "hold"
+    assert c.decide(m1, diagnose(m1, c.config), now_s=12.0).action in ("change", "hold")
+
+
+def test_batch_growth_revert_restores_lr_and_caps_batch():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    c = _controller(cfg, allow_batch_size=True, lr_exponent=1.0)
+    m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
+    d = c.decide(m, diagnose(m, cfg), 0.0)
+    assert d.action == "change" and d.config.batch_size == 64 and d.lr_factor == 2.0
+    r = c.decide(metrics(samples_per_s=1610.0), diagnose(metrics(), c.config), 3.0)
+    assert r.action == "revert" and r.config.batch_size == 32 and r.lr_factor == 0.5
+    assert c.batch_ceiling == 32

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+
+from loadertune.timer import LoopTimer
+
+
+def _run(timer, waits, computes, start=0.0, samples=8):
+    t = start
+    for wait, compute in zip(waits, computes):
+        timer.record(t, t + wait, samples)
+        t += wait + compute
+    return t
+
+
+def test_wait_and_compute_are_split():
+    timer = LoopTimer()
+    _run(timer, [0.01] * 10, [0.03] * 10)
+    w = timer.take()
+    assert w.batches == 10 and w.samples == 80
+    assert w.wait_s == pytest.approx(0.1)
+    # Compute before the first batch is not seen; nine gaps are.
+    assert w.compute_s == pytest.approx(0.27)
+    assert w.max_wait_s == pytest.approx(0.01)
+
+
+def test_windows_are_contiguous():
+    timer = LoopTimer()
+    end = _run(timer, [0.01] * 5, [0.01] * 5)
+    timer.take()
+    _run(timer, [0.01] * 5, [0.01] * 5, start=end)
+    w = timer.take()
+    # The gap between the windows (the last compute of the first) counts in the second.
+    assert w.compute_s == pytest.approx(0.05)
+
+
+def test_discard_skips_warmup_batches():
+    timer = LoopTimer()
+    timer.discard(3)
+    _run(timer, [1.0, 1.0, 1.0, 0.01, 0.01], [0.01] * 5)
+    w = timer.take()
+    assert w.batches == 2
+    assert w.wait_s == pytest.approx(0.02)
+
+
+def test_epoch_start_wait_is_kept_apart_and_gap_is_not_compute():
+    timer = LoopTimer()
+    end = _run(timer, [0.01] * 3, [0.01] * 3)
+    timer.epoch_started()
+    # An evaluation pause between epochs, then a slow first batch.
+    _run(timer, [0.5, 0.01], [0.01, 0.01], start=end + 10.0)
+    w = timer.take()
+    assert w.epoch_starts == 1
+    assert w.epoch_start_wait_s == pytest.approx(0.5)
+    assert w.compute_s < 1.0
+
+
+def test_rate_noise_is_zero_for_regular_batches_and_positive_otherwise():
+    timer = LoopTimer()
+    _run(timer, [0.01] * 50, [0.01] * 50)
+    assert timer.take().rate_rel_stderr == pytest.approx(0.0, abs=1e-6)
+    _run(timer, [0.001, 0.05] * 25, [0.01] * 50, start=100.0)
+    assert timer.take().rate_rel_stderr > 0.01
