@@ -97,6 +97,10 @@ class StreamBatchSampler:
                 if batch and not self.drop_last:
                     issued.append(batch)
                     yield batch if key is None else [key(i) for i in batch]
+                elif batch:
+                    # Dropped for now, not lost: a rebuild at a smaller batch size may still
+                    # make a full batch of them, as the untuned loader at that size would.
+                    stream.requeue(batch)
                 return
             issued.append(batch)
             yield batch if key is None else [key(i) for i in batch]

@@ -317,6 +317,11 @@ class TunedLoader:
         return self.config.num_workers
 
     @property
+    def pending_config(self) -> LoaderConfig | None:
+        """A change waiting for the next epoch (IterableDataset loaders), else None."""
+        return self._pending
+
+    @property
     def accumulation_steps(self) -> int | None:
         """Micro-batches per optimizer step the loop should accumulate now (None if not used)."""
         return self._accumulation
@@ -369,7 +374,8 @@ class TunedLoader:
                 ``pin_memory``, ``persistent_workers``.
 
         Returns:
-            The configuration now in use.
+            The configuration now in use (for an IterableDataset the change waits for the next
+            epoch: see ``pending_config``).
 
         Raises:
             ReconfigureError: The change cannot be made on this loader (the message says why).
