@@ -15,7 +15,16 @@ from typing import Any, Literal
 from loadertune.config import LoaderConfig
 from loadertune.metrics import WindowMetrics
 
-__all__ = ["DIAGNOSIS_KINDS", "Diagnosis", "DiagnosisKind", "Environment", "Thresholds", "diagnose"]
+__all__ = [
+    "DIAGNOSIS_KINDS",
+    "Diagnosis",
+    "DiagnosisKind",
+    "Environment",
+    "Thresholds",
+    "diagnose",
+    "loader_cpu_share",
+    "shm_needed_bytes",
+]
 
 DiagnosisKind = Literal["data_starved", "batch_headroom", "balanced", "cpu_bound", "memory_bound"]
 #: Every kind a diagnosis can have.
@@ -44,6 +53,8 @@ class Thresholds:
         gpu_mem_free_share_min: Free device memory share below which the GPU is memory-bound.
         ram_available_share_min: Available RAM share below which the host is memory-bound.
         shm_free_share_min: Free /dev/shm share below which workers risk a bus error.
+        loader_cpu_share_heavy: Share of a worker's time on the CPU from which loading counts as
+            CPU work (below it, loading mostly waits on I/O).
         epoch_stall_factor: An epoch's first batch waiting this many times the usual wait (and
             ``epoch_stall_min_s`` or more) counts as a start-of-epoch stall.
         epoch_stall_min_s: See ``epoch_stall_factor``.
@@ -60,6 +71,7 @@ class Thresholds:
     gpu_mem_free_share_min: float = 0.05
     ram_available_share_min: float = 0.10
     shm_free_share_min: float = 0.10
+    loader_cpu_share_heavy: float = 0.5
     epoch_stall_factor: float = 5.0
     epoch_stall_min_s: float = 0.5
 
@@ -150,7 +162,19 @@ def diagnose(
     )
     if jitter:
         ev.update(jitter_std_pct=t.jitter_std_pct, idle_share_jitter=t.idle_share_jitter)
-    starved = m.wait_share >= t.wait_share_starved or jitter
+    free = m.gpu_mem_free_share
+    steady_low = (
+        m.gpu_util_mean_pct is not None
+        and m.gpu_util_mean_pct < t.low_util_pct
+        and (m.gpu_util_std_pct or 0.0) < t.steady_std_pct
+        and free is not None
+        and free >= t.gpu_mem_free_share_headroom
+        and config.batch_size is not None
+    )
+    # Moderate waiting beside a steadily under-used GPU is mostly the fixed cost of handing each
+    # batch over; a larger batch amortizes it, more workers do not.
+    moderate = t.wait_share_starved <= m.wait_share < t.wait_share_high
+    starved = jitter or m.wait_share >= t.wait_share_high or (moderate and not steady_low)
     if starved:
         level = "highly" if m.wait_share >= t.wait_share_high else "moderately"
         why = f"the loop waited {m.wait_share:.0%} of the time for data"
@@ -159,7 +183,23 @@ def diagnose(
         elif jitter:
             why += " and GPU utilization jumps between busy and idle"
         saturated = m.cpu_pct is not None and m.cpu_pct >= t.cpu_saturated_pct
-        if saturated:
+        share = loader_cpu_share(m, config)
+        cores = None
+        if share is not None:
+            cores = (m.loader_cpu_s_per_batch or 0.0) * m.batches_per_s
+            ev.update(
+                loader_cpu_share=round(share, 3),
+                loader_cpu_share_heavy=t.loader_cpu_share_heavy,
+                loader_cores=round(cores, 2),
+            )
+        # Busy cores only rule out more workers when the loading itself is CPU work: workers
+        # waiting on I/O still help on a machine that others keep busy. Under oversubscription
+        # a worker's own share is diluted by queueing for a core, so the cores loading takes in
+        # all count too.
+        heavy = share is None or share >= t.loader_cpu_share_heavy or (
+            m.usable_cpus is not None and cores is not None and cores >= t.loader_cpu_share_heavy * m.usable_cpus
+        )
+        if saturated and heavy:
             return Diagnosis(
                 "cpu_bound",
                 f"CPU-bound input: {why}, but the {m.usable_cpus or '?'} usable CPUs are "
@@ -169,7 +209,11 @@ def diagnose(
                 ev,
                 advice,
             )
-        cpu = f" with CPU to spare ({m.cpu_pct:.0f}% busy)" if m.cpu_pct is not None else ""
+        cpu = ""
+        if saturated:
+            cpu = f"; the CPUs are busy ({m.cpu_pct:.0f}%) but loading mostly waits on I/O"
+        elif m.cpu_pct is not None:
+            cpu = f" with CPU to spare ({m.cpu_pct:.0f}% busy)"
         return Diagnosis(
             "data_starved",
             f"Data-starved ({level} input-bound): {why}{cpu}; more workers will feed it faster.",
@@ -177,15 +221,7 @@ def diagnose(
             advice,
         )
 
-    free = m.gpu_mem_free_share
-    if (
-        m.gpu_util_mean_pct is not None
-        and m.gpu_util_mean_pct < t.low_util_pct
-        and (m.gpu_util_std_pct or 0.0) < t.steady_std_pct
-        and free is not None
-        and free >= t.gpu_mem_free_share_headroom
-        and config.batch_size is not None
-    ):
+    if steady_low:
         ev.update(
             low_util_pct=t.low_util_pct,
             steady_std_pct=t.steady_std_pct,
@@ -194,7 +230,7 @@ def diagnose(
         )
         return Diagnosis(
             "batch_headroom",
-            f"Batch-size headroom: the loop rarely waits ({m.wait_share:.0%}) and GPU utilization "
+            f"Batch-size headroom: the loop waits little ({m.wait_share:.0%}) and GPU utilization "
             f"is steady but low ({m.gpu_util_mean_pct:.0f}% < {t.low_util_pct:.0f}%) with "
             f"{free:.0%} of its memory free; a larger batch (with the learning rate scaled) will "
             "use it better.",
@@ -209,6 +245,22 @@ def diagnose(
         ev,
         advice,
     )
+
+
+def loader_cpu_share(metrics: WindowMetrics, config: LoaderConfig) -> float | None:
+    """Share of a loading worker's time spent on the CPU (1 = pure CPU work, 0 = pure waiting).
+
+    Without workers the loading time is the loop's wait; with workers that wait, each worker
+    takes ``workers / rate`` per batch.
+    """
+    cpu = metrics.loader_cpu_s_per_batch
+    if cpu is None or metrics.batches_per_s <= 0:
+        return None
+    w = config.num_workers
+    load = metrics.wait_s_per_batch if w == 0 else w / metrics.batches_per_s
+    if load <= 0:
+        return None
+    return min(1.0, cpu / load)
 
 
 def shm_needed_bytes(config: LoaderConfig, batch_bytes: int | None) -> int | None:

@@ -27,12 +27,13 @@ class WindowMetrics:
     """The measurements of one window. Every field that needs a source is None without it.
 
     Attributes:
-        duration_s: Loop time covered: waiting plus computing.
+        duration_s: Loop time covered: waiting plus computing (an epoch's first wait excluded).
         batches: Batches consumed.
         samples: Samples consumed.
         samples_per_s: Consumption rate.
         batches_per_s: Consumption rate in batches.
-        wait_share: Share of the loop's time blocked in ``next(loader)``, 0-1.
+        wait_share: Share of the loop's time blocked in ``next(loader)``, 0-1, in steady state:
+            the wait for an epoch's first batch is reported as ``epoch_start_wait_s`` instead.
         wait_s_per_batch: Mean time blocked per batch.
         compute_s_per_batch: Mean time the loop spends per batch outside ``next()``.
         rate_rel_stderr: Relative standard error of the rate: the measurement's own noise.
@@ -105,7 +106,10 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
         ticks: The sampler's ticks over the window, or None without a sampler.
         config: The loader configuration in use during the window.
     """
-    busy_s = loop.wait_s + loop.compute_s
+    # An epoch's first batch waits for workers to start: a separate finding (persistent_workers),
+    # kept out of the steady-state wait share and rate.
+    wait_s = max(0.0, loop.wait_s - loop.epoch_start_wait_s)
+    busy_s = wait_s + loop.compute_s
     batches = loop.batches
     rate = samples_rate = 0.0
     if busy_s > 0:
@@ -126,8 +130,8 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
         samples=loop.samples,
         samples_per_s=samples_rate,
         batches_per_s=rate,
-        wait_share=(loop.wait_s / busy_s) if busy_s > 0 else 0.0,
-        wait_s_per_batch=(loop.wait_s / batches) if batches else 0.0,
+        wait_share=(wait_s / busy_s) if busy_s > 0 else 0.0,
+        wait_s_per_batch=(wait_s / batches) if batches else 0.0,
         compute_s_per_batch=(loop.compute_s / batches) if batches else 0.0,
         rate_rel_stderr=loop.rate_rel_stderr,
         loader_cpu_s_per_batch=loader_cpu,

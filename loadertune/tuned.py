@@ -232,6 +232,16 @@ class TunedLoader:
             lr_rule=self._lr_rule,
         )
 
+    @property
+    def config(self) -> LoaderConfig:
+        """The configuration in use (recommend mode never changes it)."""
+        return self._config
+
+    @config.setter
+    def config(self, value: LoaderConfig) -> None:
+        self._config = value
+        self._inline = value.num_workers == 0 and not self._iterable
+
     # -- the DataLoader interface ------------------------------------------------------------
     def __iter__(self) -> TunedLoader:
         if self._closed:
@@ -250,6 +260,9 @@ class TunedLoader:
         it = self._inner_it
         if it is None:
             raise StopIteration
+        # Loading runs in this thread only without workers: then its CPU time tells whether
+        # the load is CPU work or waiting (the workers' CPU comes from the host source).
+        cpu0 = time.thread_time() if self._inline else 0.0
         requested = time.perf_counter()
         try:
             batch = next(it)
@@ -268,6 +281,7 @@ class TunedLoader:
             self._pop_failed()
             raise
         returned = time.perf_counter()
+        cpu = time.thread_time() - cpu0 if self._inline else 0.0
         stream = self._stream
         if stream is not None and stream.issued:
             consumed = stream.issued.popleft()
@@ -276,7 +290,7 @@ class TunedLoader:
         else:
             n = self.config.batch_size or 1
         self.step += 1
-        self._timer.record(requested, returned, n)
+        self._timer.record(requested, returned, n, cpu)
         if returned >= self._window_deadline and self.step >= self._window_step:
             self._on_window(batch)
         elif self._batch_bytes is None:

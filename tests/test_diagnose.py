@@ -103,3 +103,20 @@ def test_every_kind_is_declared_and_serialisable():
     assert d.kind in DIAGNOSIS_KINDS
     assert d.to_dict()["kind"] == d.kind
     assert list(DIAGNOSIS_KINDS) == sorted(DIAGNOSIS_KINDS)
+
+
+def test_moderate_waiting_beside_a_steady_low_gpu_is_headroom_not_starvation():
+    m = metrics(wait_share=0.07, gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
+    assert diagnose(m, CFG).kind == "batch_headroom"
+    # High waiting is starvation whatever the GPU says.
+    high = metrics(wait_share=0.3, gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
+    assert diagnose(high, CFG).kind == "data_starved"
+
+
+def test_busy_cores_do_not_make_an_io_bound_load_cpu_bound():
+    # Others keep the CPUs busy, but loading is 95% waiting: workers still help.
+    io = metrics(wait_share=0.6, wait_s_per_batch=0.1, cpu_pct=99.0, usable_cpus=2, loader_cpu_s_per_batch=0.005)
+    d = diagnose(io, LoaderConfig(num_workers=0, batch_size=32))
+    assert d.kind == "data_starved" and d.evidence["loader_cpu_share"] == pytest.approx(0.05)
+    cpu = metrics(wait_share=0.6, wait_s_per_batch=0.1, cpu_pct=99.0, usable_cpus=2, loader_cpu_s_per_batch=0.09)
+    assert diagnose(cpu, LoaderConfig(num_workers=0, batch_size=32)).kind == "cpu_bound"

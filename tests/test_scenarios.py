@@ -1,0 +1,121 @@
+"""End-to-end: real loaders, real worker processes, a simulated GPU, the real host source.
+
+Each scenario trains until the first diagnosis and checks what a person would conclude.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import loadertune
+from loadertune.sim import SimulatedGpu
+from loadertune.sources.host import usable_cpus
+
+MIB = 2**20
+
+
+class Latency(Dataset):
+    """Each sample waits on 'I/O' (a sleep): no CPU, just latency."""
+
+    def __init__(self, n: int, latency_s: float) -> None:
+        self.n, self.latency_s = n, latency_s
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(self.latency_s)
+        return torch.full((4,), float(i))
+
+
+class Burn(Latency):
+    """Each sample burns CPU for ``latency_s`` (a decode-like transform)."""
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        end = time.thread_time() + self.latency_s
+        x = 0
+        while time.thread_time() < end:
+            x += 1
+        return torch.full((4,), float(i))
+
+
+def train_until_diagnosed(tuned, gpu, max_s=20.0):
+    start = time.monotonic()
+    while tuned.diagnosis is None:
+        for batch in tuned:
+            gpu.step(len(batch))
+            if tuned.diagnosis is not None or time.monotonic() - start > max_s:
+                break
+        if time.monotonic() - start > max_s:
+            raise AssertionError("no diagnosis within the time limit")
+    return tuned.diagnosis, tuned.recommendation
+
+
+def test_latency_bound_at_zero_workers_is_data_starved_and_wants_three_or_more():
+    gpu = SimulatedGpu(step_time_s=0.02)
+    loader = DataLoader(Latency(5000, 0.003), batch_size=16)
+    with loadertune.tune(loader, gpu=gpu, window_s=1.0) as t:
+        d, rec = train_until_diagnosed(t, gpu)
+        assert d.kind == "data_starved", d.summary
+        assert d.evidence["wait_share"] >= 0.2
+        assert d.evidence["gpu_util_mean_pct"] < 50
+        assert rec is not None and rec.config.num_workers >= 3
+        assert t.config.num_workers == 0  # recommend mode changes nothing
+
+
+def test_compute_bound_is_balanced_and_wants_no_more_workers():
+    gpu = SimulatedGpu(step_time_s=0.03)
+    loader = DataLoader(Latency(5000, 0.0), batch_size=16, num_workers=1)
+    with loadertune.tune(loader, gpu=gpu, window_s=1.0) as t:
+        d, rec = train_until_diagnosed(t, gpu)
+        assert d.kind == "balanced", d.summary
+        assert rec is None or rec.config.num_workers <= 1
+
+
+def test_steady_forty_percent_with_free_memory_is_batch_headroom():
+    # 16 x 0.5 ms on the GPU, 12 ms of host overhead per step: 40% busy, steadily.
+    gpu = SimulatedGpu(
+        step_time_s=lambda b: 0.0005 * b,
+        host_overhead_s=0.012,
+        memory_bytes=lambda b: b * 8 * MIB,
+        total_memory_bytes=1024 * MIB,
+    )
+    loader = DataLoader(Latency(5000, 0.0), batch_size=16, num_workers=1)
+    with loadertune.tune(loader, gpu=gpu, window_s=1.0) as t:
+        d, rec = train_until_diagnosed(t, gpu)
+        assert d.kind == "batch_headroom", d.summary
+        assert 30 <= d.evidence["gpu_util_mean_pct"] <= 50
+        assert rec is not None and rec.config.batch_size == 32 and rec.lr_factor is not None
+
+
+def test_cpu_bound_transforms_on_more_workers_than_cores_is_cpu_bound():
+    cpus = usable_cpus()
+    gpu = SimulatedGpu(step_time_s=0.002)
+    workers = cpus + 2
+    loader = DataLoader(Burn(100_000, 0.004), batch_size=8, num_workers=workers)
+    with loadertune.tune(loader, gpu=gpu, window_s=1.5) as t:
+        d, rec = train_until_diagnosed(t, gpu, max_s=30.0)
+        assert d.kind == "cpu_bound", d.summary
+        assert "more workers will not help" in d.summary
+        assert rec is None or rec.config.num_workers <= cpus
+
+
+@pytest.mark.parametrize("start_workers", [0])
+def test_apply_mode_adds_workers_to_a_latency_bound_loader(start_workers):
+    gpu = SimulatedGpu(step_time_s=0.02)
+    loader = DataLoader(Latency(100_000, 0.003), batch_size=16, num_workers=start_workers)
+    with loadertune.tune(loader, mode="apply", gpu=gpu, window_s=1.0) as t:
+        deadline = time.monotonic() + 8.0
+        for batch in t:
+            gpu.step(len(batch))
+            if time.monotonic() > deadline:
+                break
+        kinds = [e.kind for e in t.events]
+        assert "change" in kinds
+        assert t.config.num_workers >= 3
+        change = next(e for e in t.events if e.kind == "change")
+        assert change.data["before"]["num_workers"] == 0 and change.data["after"]["num_workers"] >= 3
