@@ -248,12 +248,15 @@ def diagnose(
 
 
 def loader_cpu_share(metrics: WindowMetrics, config: LoaderConfig) -> float | None:
-    """Share of a loading worker's time spent on the CPU (1 = pure CPU work, 0 = pure waiting).
+    """Share of a loading worker's time spent on, or queueing for, the CPU.
 
-    Without workers the loading time is the loop's wait; with workers that wait, each worker
-    takes ``workers / rate`` per batch.
+    1 means pure CPU work, 0 pure waiting on I/O. Without workers the loading time is the loop's
+    wait; with workers that wait, each worker takes ``workers / rate`` per batch. Time queued
+    for a CPU counts as CPU demand: on oversubscribed cores it is what the work would take.
     """
     cpu = metrics.loader_cpu_s_per_batch
+    if cpu is not None and metrics.loader_runqueue_s_per_batch is not None:
+        cpu += metrics.loader_runqueue_s_per_batch
     if cpu is None or metrics.batches_per_s <= 0:
         return None
     w = config.num_workers

@@ -39,6 +39,8 @@ class WindowMetrics:
         rate_rel_stderr: Relative standard error of the rate: the measurement's own noise.
         loader_cpu_s_per_batch: CPU seconds spent loading one batch (in the training thread at
             ``num_workers=0``, in the workers otherwise).
+        loader_runqueue_s_per_batch: Seconds the workers waited for a CPU per batch (CPU
+            contention, not I/O), where the host source reads it.
         epoch_start_wait_s: Mean wait for an epoch's first batch, when an epoch started.
         gpu_util_mean_pct: Mean GPU utilization.
         gpu_util_std_pct: Spread of GPU utilization between ticks.
@@ -49,6 +51,7 @@ class WindowMetrics:
         usable_cpus: min(affinity, cgroup quota).
         process_cpu_pct: The training process, in percent of one core.
         workers_cpu_pct: All workers together, in percent of one core.
+        workers_runqueue_pct: Time the workers waited for a CPU, in percent of one core.
         worker_count: Worker processes seen.
         worker_mem_bytes: Memory per worker (PSS where sampled, else RSS).
         ram_available_bytes: Lowest available RAM seen.
@@ -68,6 +71,7 @@ class WindowMetrics:
     compute_s_per_batch: float
     rate_rel_stderr: float
     loader_cpu_s_per_batch: float | None = None
+    loader_runqueue_s_per_batch: float | None = None
     epoch_start_wait_s: float | None = None
     gpu_util_mean_pct: float | None = None
     gpu_util_std_pct: float | None = None
@@ -78,6 +82,7 @@ class WindowMetrics:
     usable_cpus: int | None = None
     process_cpu_pct: float | None = None
     workers_cpu_pct: float | None = None
+    workers_runqueue_pct: float | None = None
     worker_count: int | None = None
     worker_mem_bytes: int | None = None
     ram_available_bytes: int | None = None
@@ -118,7 +123,9 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
     fields: dict[str, Any] = {}
     if ticks is not None and len(ticks):
         fields = _tick_fields(ticks)
-    loader_cpu = None
+    loader_cpu = runqueue = None
+    if batches and config.num_workers > 0 and fields.get("workers_runqueue_pct") is not None and busy_s > 0:
+        runqueue = fields["workers_runqueue_pct"] / 100.0 * busy_s / batches
     if batches:
         if config.num_workers == 0:
             loader_cpu = loop.loader_cpu_s / batches
@@ -135,6 +142,7 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
         compute_s_per_batch=(loop.compute_s / batches) if batches else 0.0,
         rate_rel_stderr=loop.rate_rel_stderr,
         loader_cpu_s_per_batch=loader_cpu,
+        loader_runqueue_s_per_batch=runqueue,
         epoch_start_wait_s=(loop.epoch_start_wait_s / loop.epoch_starts) if loop.epoch_starts else None,
         ticks=len(ticks) if ticks is not None else 0,
         **fields,
@@ -165,7 +173,7 @@ def _tick_fields(ticks: SampleWindow) -> dict[str, Any]:
         values = ticks.values(name)
         if len(values):
             out[name] = int(reduce(values))
-    for name in ("cpu_pct", "process_cpu_pct", "workers_cpu_pct"):
+    for name in ("cpu_pct", "process_cpu_pct", "workers_cpu_pct", "workers_runqueue_pct"):
         value = _mean(ticks.values(name))
         if value is not None:
             out[name] = value

@@ -31,6 +31,7 @@ SAMPLE_FIELDS = (
     "cpu_pct",
     "process_cpu_pct",
     "workers_cpu_pct",
+    "workers_runqueue_pct",
     "worker_count",
     "process_rss_bytes",
     "workers_rss_bytes",
@@ -70,6 +71,7 @@ class Snapshot:
     cpu_pct: float | None = None
     process_cpu_pct: float | None = None
     workers_cpu_pct: float | None = None
+    workers_runqueue_pct: float | None = None
     worker_count: int | None = None
     process_rss_bytes: int | None = None
     workers_rss_bytes: int | None = None

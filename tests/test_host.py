@@ -99,9 +99,13 @@ def test_workers_are_measured_and_a_dead_one_is_dropped(workers: list) -> None:
     assert first.workers_cpu_pct is None  # no baseline yet: not a fake 0.0
     assert first.workers_pss_bytes is not None and first.workers_pss_bytes > 0
 
+    assert first.workers_runqueue_pct is None  # no baseline yet either
+
     second = _read_until(src, lambda r: True)
     assert second.worker_count == 2
     assert second.workers_cpu_pct is not None and second.workers_cpu_pct >= 0.0
+    if os.path.exists(f"/proc/{workers[0].pid}/schedstat"):
+        assert second.workers_runqueue_pct is not None and second.workers_runqueue_pct >= 0.0
     assert src.worker_pids == tuple(sorted(p.pid for p in workers))
 
     workers[0].kill()

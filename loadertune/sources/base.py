@@ -47,6 +47,8 @@ class HostReading:
         cpu_per_core_pct: Busy share of each usable core, 0-100.
         process_cpu_pct: This process, in percent of one core (200 = two cores).
         workers_cpu_pct: All DataLoader worker processes together, in percent of one core.
+        workers_runqueue_pct: Time the workers spent runnable but waiting for a CPU, summed, in
+            percent of one core (Linux schedstat): high when CPUs are oversubscribed.
         worker_count: Worker processes seen.
         process_rss_bytes: Resident memory of this process.
         workers_rss_bytes: Resident memory of the workers, summed (over-counts shared pages).
@@ -65,6 +67,7 @@ class HostReading:
     cpu_per_core_pct: tuple[float, ...] | None = None
     process_cpu_pct: float | None = None
     workers_cpu_pct: float | None = None
+    workers_runqueue_pct: float | None = None
     worker_count: int = 0
     process_rss_bytes: int | None = None
     workers_rss_bytes: int | None = None

@@ -174,6 +174,7 @@ class HostSource:
         self._explicit: set[int] | None = None
         self._workers: dict[int, psutil.Process] = {}
         self._pss_at_s = -math.inf
+        self._runqueue: dict[int, tuple[int, float]] = {}
         self._workers_pss_bytes: int | None = None
         self._me = psutil.Process()
         self._me.cpu_percent(None)  # baseline for the first read
@@ -220,6 +221,7 @@ class HostSource:
             per_core = self._guard("cpu_per_core_pct", self._per_core, usable)
             workers = self._guard("workers", self._read_workers)
             workers_cpu, workers_rss = (None, None) if workers is None else workers
+            runqueue = self._guard("workers_runqueue_pct", self._read_runqueue)
             vm = self._guard("virtual_memory", psutil.virtual_memory)
             limit = self._guard("memory_limit", cgroup.memory_limit_bytes, *self._cg)
             headroom = self._guard("memory_headroom", cgroup.memory_headroom_bytes, *self._cg)
@@ -231,6 +233,7 @@ class HostSource:
                 cpu_per_core_pct=per_core,
                 process_cpu_pct=self._guard("process_cpu_pct", self._me.cpu_percent, None),
                 workers_cpu_pct=workers_cpu,
+                workers_runqueue_pct=runqueue,
                 worker_count=len(self._workers),
                 process_rss_bytes=self._guard("process_rss_bytes", self._process_rss),
                 workers_rss_bytes=workers_rss,
@@ -325,6 +328,27 @@ class HostSource:
         if not self._workers:
             return 0.0, 0
         return (cpu_total if primed else None), rss_total
+
+    def _read_runqueue(self) -> float | None:
+        """Summed share of time the workers waited for a CPU since the last reading, or None."""
+        now = time.monotonic()
+        total, known = 0.0, 0
+        seen: dict[int, tuple[int, float]] = {}
+        for pid in self._workers:
+            try:
+                with open(f"/proc/{pid}/schedstat", encoding="ascii") as fh:
+                    waited_ns = int(fh.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # not Linux, or the worker is gone
+            seen[pid] = (waited_ns, now)
+            before = self._runqueue.get(pid)
+            if before is not None and now > before[1]:
+                total += (waited_ns - before[0]) / 1e9 / (now - before[1]) * 100.0
+                known += 1
+        self._runqueue = seen
+        if not self._workers:
+            return 0.0
+        return total if known else None
 
     def _sum_pss(self) -> int:
         total = 0
