@@ -47,7 +47,8 @@ Mode = Literal["recommend", "apply"]
 MODES: tuple[Mode, ...] = ("recommend", "apply")
 
 _LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
-_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+_DEATH_WAIT_S = 2.0
 _TORCH_WORKER_WARNING = "This DataLoader will create"
 
 
@@ -269,17 +270,8 @@ class TunedLoader:
         except StopIteration:
             self._end_epoch()
             raise
-        except RuntimeError as exc:
-            if not _WORKER_DIED.search(str(exc)):
-                self._pop_failed()
-                raise
-            self._recover(exc)
-            return self.__next__()
-        except Exception:
-            # A dataset's own error: that batch is gone from the stream, as in torch; the error
-            # reaches the caller unchanged.
-            self._pop_failed()
-            raise
+        except Exception as exc:
+            return self._after_failure(it, exc)
         returned = time.perf_counter()
         cpu = time.thread_time() - cpu0 if self._inline else 0.0
         stream = self._stream
@@ -632,7 +624,28 @@ class TunedLoader:
         if stream is not None and stream.issued:
             stream.issued.popleft()
 
-    def _recover(self, exc: RuntimeError) -> None:
+    def _after_failure(self, it: Any, exc: Exception) -> Any:
+        """Handles an exception from ``next()``: a dead worker is recovered from, anything else
+        (the dataset's own error) is re-raised unchanged after dropping its batch, as torch does."""
+        while True:
+            try:
+                death = _worker_death(it, exc)
+                if death == "none":
+                    self._pop_failed()
+                    raise exc
+                if death == "died":
+                    self._recover(exc)
+                break
+            except RuntimeError as late:
+                # torch's SIGCHLD handler raises asynchronously, so the report of a death can
+                # land inside this very handling: take it as the death it reports, once more.
+                if late is exc or not _WORKER_DIED.search(str(late)):
+                    raise
+                exc = late
+                it = self._inner_it
+        return self.__next__()
+
+    def _recover(self, exc: Exception) -> None:
         if self._stream is None:
             raise exc
         before = self.config
@@ -874,6 +887,33 @@ class TunedLoader:
             "changes": len(changes),
             "rebuilds": self._rebuilds,
         }
+
+
+def _worker_death(it: Any, exc: Exception) -> str:
+    """What ``exc`` from ``next(it)`` says of the workers: "died", "stale" or "none".
+
+    torch reports a dead worker as "DataLoader worker (pid ...) exited unexpectedly" or "is
+    killed by signal", but a worker killed while handing over a batch can also surface as a
+    connection reset on the batch's shared-memory handle; a dead process settles both. A report
+    naming none of the current workers is "stale": a death already recovered from.
+    """
+    workers = getattr(it, "_workers", None) or []
+    match = _WORKER_DIED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if match:
+        pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
+        if pids and not pids & {w.pid for w in workers}:
+            return "stale"
+        return "died"
+    if any(not w.is_alive() for w in workers):
+        return "died"
+    if workers and isinstance(exc, (ConnectionError, EOFError)):
+        # The dying worker's sockets close before the process is reaped: wait (bounded) for
+        # its exit to become visible rather than mistake the death for a dataset error.
+        from multiprocessing.connection import wait
+
+        if wait([w.sentinel for w in workers], timeout=_DEATH_WAIT_S):
+            return "died"
+    return "none"
 
 
 def _similar(a: LoaderConfig | None, b: LoaderConfig | None) -> bool:
