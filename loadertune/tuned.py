@@ -65,6 +65,8 @@ def tune(
     optimizer: Any = None,
     scheduler: Any = None,
     lr_rule: str = "auto",
+    lr_warmup_steps: int = 0,
+    keep_schedule_length: bool = False,
     accumulation_steps: int | None = None,
     model: torch.nn.Module | None = None,
     seed: int | None = None,
@@ -93,6 +95,11 @@ def tune(
         optimizer: The optimizer whose learning rate follows batch-size changes.
         scheduler: Its learning-rate scheduler, if any.
         lr_rule: ``"auto"``, ``"linear"``, ``"sqrt"`` or ``"none"``.
+        lr_warmup_steps: Ramp into a raised learning rate over this many optimizer steps
+            (Goyal et al.'s gradual warmup) instead of jumping to it.
+        keep_schedule_length: When the batch size changes, rescale ``scheduler``'s step-counted
+            lengths (step_size, milestones, T_max, total_steps...) so the schedule keeps its
+            length in samples; for schedulers stepped once per batch.
         accumulation_steps: When the loop accumulates gradients over k micro-batches, pass k:
             a batch-size change then grows the micro-batch and shrinks k so the effective batch
             and the learning rate stay; read ``TunedLoader.accumulation_steps`` each step.
@@ -125,6 +132,8 @@ def tune(
         optimizer=optimizer,
         scheduler=scheduler,
         lr_rule=lr_rule,
+        lr_warmup_steps=lr_warmup_steps,
+        keep_schedule_length=keep_schedule_length,
         accumulation_steps=accumulation_steps,
         model=model,
         seed=seed,
@@ -174,6 +183,14 @@ class TunedLoader:
         self._scheduler = options["scheduler"]
         self._lr_rule, self._lr_exponent = self._resolve_lr(options["lr_rule"])
         self._accumulation = _check_accumulation(options["accumulation_steps"])
+        warmup = options["lr_warmup_steps"]
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"lr_warmup_steps must be an int >= 0, got {warmup!r}")
+        self._lr_warmup_steps = warmup
+        self._warmup: Any = None
+        self._keep_schedule_length = bool(options["keep_schedule_length"])
+        if self._keep_schedule_length and self._scheduler is None:
+            raise ValueError("keep_schedule_length=True needs the scheduler=: pass the scheduler to rescale")
         self._seed = options["seed"]
         self._dataset = self._seeded_dataset(loader.dataset, self._seed)
         self._model = options["model"]
@@ -571,7 +588,9 @@ class TunedLoader:
         stream.requeue_issued(flatten=True)
         stream.requeue(items)
 
-    def _change(self, config: LoaderConfig, kind: str, reason: str, lr_factor: float | None = None) -> None:
+    def _change(
+        self, config: LoaderConfig, kind: str, reason: str, lr_factor: float | None = None, **measured: Any
+    ) -> None:
         if config == self.config:
             return
         before = self.config
@@ -596,6 +615,7 @@ class TunedLoader:
             reason=reason,
             lr_factor=lr_factor,
             forced=kind == "reconfigure",
+            **measured,
         )
 
     def _follow_batch(self, before: LoaderConfig, after: LoaderConfig, lr_factor: float | None) -> float | None:
@@ -609,9 +629,20 @@ class TunedLoader:
         if lr_factor is None:
             lr_factor = ratio**self._lr_exponent
         if self._optimizer is not None and lr_factor != 1.0:
-            from loadertune.lr import scale_lr
+            from loadertune.lr import LrWarmup, scale_lr
 
-            scale_lr(self._optimizer, lr_factor, self._scheduler)
+            if self._warmup is not None:
+                self._warmup.remove()
+                self._warmup = None
+            if self._lr_warmup_steps and lr_factor > 1.0:
+                self._warmup = LrWarmup(self._optimizer, lr_factor, self._lr_warmup_steps, self._scheduler)
+            else:
+                scale_lr(self._optimizer, lr_factor, self._scheduler)
+        if self._keep_schedule_length:
+            from loadertune.lr import rescale_schedule_length
+
+            # Steps per epoch shrink as the batch grows: old batch / new batch.
+            rescale_schedule_length(self._scheduler, before.batch_size / after.batch_size)
         self._note_batch_increase(before, after, lr_factor)
         return lr_factor
 
@@ -746,7 +777,17 @@ class TunedLoader:
     def _act(self, decision: Decision) -> None:
         self.recommendation = decision.recommendation
         if decision.action in ("change", "revert"):
-            self._change(decision.config, decision.action, decision.reason, lr_factor=decision.lr_factor)
+            rec = decision.recommendation
+            self._change(
+                decision.config,
+                decision.action,
+                decision.reason,
+                lr_factor=decision.lr_factor,
+                before_samples_per_s=decision.before_samples_per_s,
+                after_samples_per_s=decision.after_samples_per_s,
+                expected_speedup=rec.expected_speedup if rec is not None else None,
+                diagnosis=self.diagnosis.kind if self.diagnosis is not None else None,
+            )
             return
         if decision.action in ("keep", "retune"):
             logger.info("loadertune: %s", decision.reason)

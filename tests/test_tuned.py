@@ -433,3 +433,25 @@ def test_event_log_and_summary(tmp_path, caplog):
     assert [e.kind for e in seen] == kinds
     assert "summary" in caplog.text and "num_workers=1" in caplog.text
     assert loadertune.read_events(path)[-1]["rebuilds"] == 1
+
+
+def test_lr_warmup_and_schedule_length_follow_a_batch_change():
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    with quiet(
+        DataLoader(Indexed(32), batch_size=4),
+        optimizer=opt,
+        scheduler=sched,
+        lr_rule="linear",
+        lr_warmup_steps=4,
+        keep_schedule_length=True,
+    ) as t:
+        t.reconfigure(batch_size=8)
+        # The group holds the target; the ramp applies inside optimizer.step().
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+        assert sched.step_size == 5
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        quiet(DataLoader(Indexed(8), batch_size=2), lr_warmup_steps=-1)
+    with pytest.raises(ValueError, match="keep_schedule_length"):
+        quiet(DataLoader(Indexed(8), batch_size=2), keep_schedule_length=True)
