@@ -52,6 +52,7 @@ _GPU_MAP = {
 }
 _HOST_FIELDS = tuple(f for f in SAMPLE_FIELDS if f not in _GPU_MAP)
 _COLUMN = {name: i + 1 for i, name in enumerate(SAMPLE_FIELDS)}
+_HOST_COLUMNS = [_COLUMN[name] for name in _HOST_FIELDS]
 _INT_FIELDS = frozenset(f for f in SAMPLE_FIELDS if f.endswith("_bytes") or f in ("worker_count", "usable_cpus", "cgroup_nr_throttled"))
 
 
@@ -109,6 +110,8 @@ class Sampler:
         gpu: A GPU source (``NvmlGpu``, ``SimulatedGpu`` or anything with ``read()``), or None.
         host: True for a psutil ``HostSource``, a host source object, or None for no host metrics.
         capacity: Rows of the ring buffer; older ticks are overwritten.
+        host_interval_s: Seconds between host readings (psutil is dearer than NVML, and CPU
+            and memory move slowly); ticks in between repeat the last host reading.
 
     Example:
         >>> with Sampler(interval_s=0.1) as sampler:
@@ -122,9 +125,15 @@ class Sampler:
         gpu: GpuSource | None = None,
         host: Any = True,
         capacity: int = 4096,
+        host_interval_s: float = 0.5,
     ) -> None:
         if not isinstance(interval_s, (int, float)) or not math.isfinite(interval_s) or interval_s <= 0:
             raise ValueError(f"interval_s must be a positive number of seconds, got {interval_s!r}")
+        if not isinstance(host_interval_s, (int, float)) or not math.isfinite(host_interval_s) or host_interval_s < 0:
+            raise ValueError(f"host_interval_s must be a number of seconds >= 0, got {host_interval_s!r}")
+        self.host_interval_s = float(host_interval_s)
+        self._host_at = -math.inf
+        self._host_values = np.full(len(_HOST_FIELDS), np.nan)
         if not isinstance(capacity, int) or capacity < 2:
             raise ValueError(f"capacity must be an int >= 2, got {capacity!r}")
         if gpu is not None and not callable(getattr(gpu, "read", None)):
@@ -237,11 +246,13 @@ class Sampler:
             if isinstance(reading, GpuReading):
                 for column, attr in _GPU_MAP.items():
                     row[_COLUMN[column]] = _nan(getattr(reading, attr))
-        if self._host is not None:
+        if self._host is not None and time.perf_counter() - self._host_at >= self.host_interval_s:
+            self._host_at = time.perf_counter()
             reading = self._read("host", self._host)
             if isinstance(reading, HostReading):
-                for column in _HOST_FIELDS:
-                    row[_COLUMN[column]] = _nan(getattr(reading, column))
+                self._host_values = np.array([_nan(getattr(reading, c)) for c in _HOST_FIELDS])
+        if self._host is not None:
+            row[_HOST_COLUMNS] = self._host_values
         row[0] = time.perf_counter()
         with self._lock:
             self._buf[self._ticks % self._capacity] = row

@@ -121,3 +121,24 @@ def test_thread_keeps_ticking_after_a_source_dies():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampler(**kwargs)
+
+
+class CountingHost(ScriptedHost):
+    def __init__(self):
+        self.reads = 0
+
+    def read(self):
+        self.reads += 1
+        return HostReading(cpu_pct=float(self.reads))
+
+
+def test_host_is_read_at_most_every_host_interval_and_held_between():
+    host = CountingHost()
+    sampler = Sampler(interval_s=1.0, host=host, host_interval_s=3600.0)
+    for _ in range(5):
+        sampler.tick()
+    assert host.reads == 1
+    # Ticks between host readings hold the last one (sample and hold).
+    assert list(sampler.window(0.0).values("cpu_pct")) == [1.0] * 5
+    with pytest.raises(ValueError, match="host_interval_s"):
+        Sampler(host_interval_s=-1)

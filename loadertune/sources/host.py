@@ -174,6 +174,10 @@ class HostSource:
         self._explicit: set[int] | None = None
         self._workers: dict[int, psutil.Process] = {}
         self._pss_at_s = -math.inf
+        # Limits (quota, cgroup memory limit, /dev/shm size...) rarely change: read them every
+        # few seconds, not every tick, to keep the sampler under 1% of a core.
+        self._slow: dict[str, Any] = {}
+        self._slow_at_s = -math.inf
         self._runqueue: dict[int, tuple[int, float]] = {}
         self._workers_pss_bytes: int | None = None
         self._me = psutil.Process()
@@ -217,17 +221,26 @@ class HostSource:
             The reading.
         """
         with self._lock:
-            usable = self._guard("usable_cpus", self._usable_core_ids)
+            now = self._clock()
+            if now - self._slow_at_s >= _SLOW_INTERVAL_S:
+                self._slow_at_s = now
+                self._slow = {
+                    "usable": self._guard("usable_cpus", self._usable_core_ids),
+                    "limit": self._guard("memory_limit", cgroup.memory_limit_bytes, *self._cg),
+                    "swap": self._guard("swap_memory", psutil.swap_memory),
+                    "shm": self._guard("shm", shm_bytes, self._shm_path),
+                    "throttling": self._guard("cgroup_throttling", cgroup.throttling, *self._cg),
+                }
+            slow = self._slow
+            usable, limit, swap, shm, throttling = (
+                slow["usable"], slow["limit"], slow["swap"], slow["shm"], slow["throttling"]
+            )
             per_core = self._guard("cpu_per_core_pct", self._per_core, usable)
             workers = self._guard("workers", self._read_workers)
             workers_cpu, workers_rss = (None, None) if workers is None else workers
             runqueue = self._guard("workers_runqueue_pct", self._read_runqueue)
             vm = self._guard("virtual_memory", psutil.virtual_memory)
-            limit = self._guard("memory_limit", cgroup.memory_limit_bytes, *self._cg)
             headroom = self._guard("memory_headroom", cgroup.memory_headroom_bytes, *self._cg)
-            swap = self._guard("swap_memory", psutil.swap_memory)
-            shm = self._guard("shm", shm_bytes, self._shm_path)
-            throttling = self._guard("cgroup_throttling", cgroup.throttling, *self._cg)
             return HostReading(
                 cpu_pct=None if not per_core else sum(per_core) / len(per_core),
                 cpu_per_core_pct=per_core,
@@ -364,6 +377,10 @@ class HostSource:
         if self._explicit is not None:
             # A dead pid may be reused by an unrelated process: never follow it again.
             self._explicit.discard(pid)
+
+
+#: Seconds between two readings of the limits (CPU quota, memory limit, shm, swap, throttling).
+_SLOW_INTERVAL_S = 5.0
 
 
 def _percpu_times() -> Sequence[Any]:
