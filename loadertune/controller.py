@@ -18,7 +18,17 @@ from loadertune.config import LoaderConfig
 from loadertune.diagnose import Diagnosis
 from loadertune.metrics import WindowMetrics
 
-__all__ = ["Bounds", "Controller", "Decision", "Recommendation", "WorkerEstimate", "default_max_workers", "estimate_workers", "plan"]
+__all__ = [
+    "Bounds",
+    "Controller",
+    "Decision",
+    "Recommendation",
+    "WorkerEstimate",
+    "default_max_workers",
+    "estimate_workers",
+    "plan",
+    "remember_load",
+]
 
 # Aim a little above the estimate: the estimate ignores the IPC cost of each batch.
 _AIM_MARGIN = 1.2
@@ -101,18 +111,24 @@ class Recommendation:
         return out
 
 
-def estimate_workers(metrics: WindowMetrics, config: LoaderConfig, bounds: Bounds) -> WorkerEstimate | None:
+def estimate_workers(
+    metrics: WindowMetrics, config: LoaderConfig, bounds: Bounds, known_load_s: float | None = None
+) -> WorkerEstimate | None:
     """Estimates the worker count that meets the loop's consumption rate.
 
     With ``num_workers=0`` the time blocked in ``next()`` is the time one worker needs per
     batch. With workers and the loop waiting, the pool runs flat out, so the observed rate is
     ``workers / load time``. The loop's own time per batch sets the rate it could consume.
+    When the loop waits only a little the workers are not all busy and ``workers / rate``
+    overstates the load time: ``known_load_s`` (measured earlier without workers) then bounds it.
     """
     m = metrics
     if m.batches < 2 or m.batches_per_s <= 0:
         return None
     w = config.num_workers
     load = m.wait_s_per_batch if w == 0 else w / m.batches_per_s
+    if w > 0 and known_load_s is not None and m.wait_share < 0.2:
+        load = min(load, known_load_s)
     if load <= 0:
         return None
     compute = m.compute_s_per_batch
@@ -163,6 +179,8 @@ def plan(
     allow_batch_size: bool = True,
     lr_exponent: float = 1.0,
     ceiling_workers: int | None = None,
+    min_gain: float = 0.1,
+    known_load_s: float | None = None,
 ) -> Recommendation | None:
     """The configuration the measurements call for, or None when nothing should change.
 
@@ -175,51 +193,69 @@ def plan(
         lr_exponent: The learning-rate rule as an exponent of the batch ratio (1 linear,
             0.5 square root, 0 none).
         ceiling_workers: A worker count measured not to help; stay below it.
+        min_gain: Least gain a worker change could bring (from the time the loop waits) for it
+            to be worth a rebuild.
+        known_load_s: Time one worker needs per batch, measured earlier without workers.
     """
     kind = diagnosis.kind
     w = config.num_workers
     new = config
     reason = ""
     speedup = None
-    estimate = estimate_workers(metrics, config, bounds)
-    limit = bounds.max_workers if ceiling_workers is None else min(bounds.max_workers, ceiling_workers - 1)
-    if kind == "data_starved" and estimate is not None:
-        target = min(estimate.target, limit)
+    estimate = estimate_workers(metrics, config, bounds, known_load_s)
+    # Every bound but the rates; the measured ceiling too.
+    hard = bounds.max_workers
+    if estimate is not None:
+        hard = min(c for c in (hard, estimate.cpu_cap, estimate.ram_cap, estimate.shm_cap) if c is not None)
+    limit = hard if ceiling_workers is None else min(hard, ceiling_workers - 1)
+    # The most any worker change can gain is the time the loop waits.
+    potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
+    if estimate is not None and estimate.ram_cap is not None and w > estimate.ram_cap:
+        new = new.replace(num_workers=estimate.ram_cap)
+        reason = (
+            f"{w} workers of ~{metrics.worker_mem_bytes / 2**20:.0f} MiB each exceed the RAM budget; "
+            f"{estimate.ram_cap} fit"
+        )
+    elif kind == "data_starved" and estimate is not None and potential >= min_gain:
+        target = min(estimate.needed, limit)
         if target <= w and w < limit:
             # The estimate says enough, yet the loop waits: step past it, gently.
             target = min(limit, w + max(1, w // 4))
         if target > w:
             new = new.replace(num_workers=target)
             speedup = _speedup(metrics, config, target, estimate)
-            bound = "" if estimate.limited_by == "rates" else f", capped by {estimate.limited_by}"
+            bound = "" if target == estimate.needed else f", capped by {estimate.limited_by}"
             reason = (
                 f"one worker makes a batch in {estimate.load_s_per_batch * 1e3:.0f} ms and the loop "
                 f"takes {_per_s(estimate.demand_batches_per_s)} batches/s: about {estimate.needed} "
                 f"workers keep up{bound}"
             )
-    elif kind == "cpu_bound" and estimate is not None and w > round(estimate.spare_cpus):
+    elif kind == "cpu_bound" and estimate is not None:
         # Saturated CPUs: workers beyond the spare cores only queue for them (and the per-worker
         # share measured under contention understates what one worker needs).
         cap = max(1, round(estimate.spare_cpus))
-        new = new.replace(num_workers=cap)
-        reason = (
-            f"the load is CPU-bound and {w} workers oversubscribe {bounds.usable_cpus} usable CPUs; "
-            f"{cap} do the same work with less contention"
-        )
+        if w > cap:
+            new = new.replace(num_workers=cap)
+            reason = (
+                f"the load is CPU-bound and {w} workers oversubscribe {bounds.usable_cpus} usable "
+                f"CPUs; {cap} do the same work with less contention"
+            )
+        elif w < min(cap, limit) and potential >= min_gain:
+            new = new.replace(num_workers=w + 1)
+            reason = f"the load is CPU-bound with {cap} spare CPUs and {w} workers: one more can use one"
     elif kind == "memory_bound" and w > 0:
         caps = [c for c in (estimate.ram_cap, estimate.shm_cap) if c is not None] if estimate else []
         target = min([w - 1, *caps])
         new = new.replace(num_workers=max(0, target))
         reason = "memory is near its limit; fewer workers hold fewer batches in flight"
     elif kind == "batch_headroom" and allow_batch_size and config.batch_size is not None:
-        target_bs = config.batch_size * 2
-        if bounds.max_batch_size is not None:
-            target_bs = min(target_bs, bounds.max_batch_size)
+        target_bs = _aimed_batch(metrics, config.batch_size, bounds.max_batch_size)
         if target_bs > config.batch_size:
             new = new.replace(batch_size=target_bs)
             reason = (
-                "the GPU is steadily under-used with memory free; twice the batch does more work "
-                "per step"
+                f"the GPU is steadily {metrics.gpu_util_mean_pct:.0f}% busy with memory free; "
+                f"{target_bs / config.batch_size:.3g}x the batch amortizes the per-step overhead "
+                "(aimed at ~85% utilization, within memory)"
             )
     if any("persistent_workers=True" in a for a in diagnosis.advice) and new.num_workers > 0:
         new = new.replace(persistent_workers=True)
@@ -238,6 +274,34 @@ def plan(
     )
 
 
+#: Utilization a batch-size step aims at, and the most it multiplies the batch by at once.
+_AIM_UTIL = 0.85
+_MAX_BATCH_STEP = 4.0
+_MEMORY_FILL = 0.85
+
+
+def _aimed_batch(m: WindowMetrics, batch: int, max_batch: int | None) -> int:
+    """The batch size that should bring utilization near ``_AIM_UTIL``, within memory.
+
+    A step is GPU time proportional to the batch plus a fixed overhead, so utilization u at
+    batch b puts the overhead at ``b (1-u)/u`` batch-equivalents; memory is taken as
+    proportional to the batch (an over-estimate, so the guess stays on the safe side).
+    """
+    u = (m.gpu_util_mean_pct or 0.0) / 100.0
+    factor = 2.0
+    if 0.0 < u < _AIM_UTIL:
+        factor = (_AIM_UTIL / (1.0 - _AIM_UTIL)) * ((1.0 - u) / u)
+    if m.gpu_mem_used_bytes and m.gpu_mem_total_bytes:
+        factor = min(factor, _MEMORY_FILL * m.gpu_mem_total_bytes / m.gpu_mem_used_bytes)
+    factor = max(1.0, min(factor, _MAX_BATCH_STEP))
+    target = int(batch * factor)
+    if target >= 16:
+        target -= target % 8  # multiples of 8 suit GPU kernels
+    if max_batch is not None:
+        target = min(target, max_batch)
+    return max(batch, target)
+
+
 def _speedup(m: WindowMetrics, config: LoaderConfig, target: int, est: WorkerEstimate) -> float | None:
     if m.batches_per_s <= 0:
         return None
@@ -247,6 +311,17 @@ def _speedup(m: WindowMetrics, config: LoaderConfig, target: int, est: WorkerEst
 
 def _per_s(rate: float) -> str:
     return "unlimited" if math.isinf(rate) else f"{rate:.1f}"
+
+
+def remember_load(
+    metrics: WindowMetrics, config: LoaderConfig, bounds: Bounds, known: float | None
+) -> float | None:
+    """The load time per batch to remember: measured directly only without workers."""
+    if config.num_workers == 0 and metrics.wait_share >= 0.05:
+        est = estimate_workers(metrics, config, bounds)
+        if est is not None:
+            return est.load_s_per_batch
+    return known
 
 
 Action = Literal["hold", "change", "keep", "revert", "retune"]
@@ -335,10 +410,12 @@ class Controller:
         self._reference_wait: float | None = None
         self._last_change_s = -math.inf
         self._drift_windows = 0
+        self.known_load_s: float | None = None
 
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
         rate = metrics.samples_per_s
+        self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
         if self._trial is not None:
             return self._judge(metrics, now_s)
         if self.converged:
@@ -347,6 +424,7 @@ class Controller:
                 self.ceiling_workers = None
                 self.batch_ceiling = None
                 self._reference_rate = None
+                self.known_load_s = None
                 return Decision(
                     "retune",
                     self.config,
@@ -368,6 +446,9 @@ class Controller:
             allow_batch_size=self.allow_batch_size,
             lr_exponent=self.lr_exponent,
             ceiling_workers=self.ceiling_workers,
+            # A rebuild stalls the loop briefly: only try one that could gain twice the bar.
+            min_gain=2 * self.min_gain,
+            known_load_s=self.known_load_s,
         )
         if rec is None:
             self._converge(metrics)

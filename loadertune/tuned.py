@@ -29,6 +29,7 @@ from loadertune.controller import (
     Recommendation,
     default_max_workers,
     plan,
+    remember_load,
 )
 from loadertune.diagnose import Diagnosis, Environment, diagnose
 from loadertune.errors import ReconfigureError
@@ -238,6 +239,7 @@ class TunedLoader:
         self._rebuilds = 0
         self._closed = False
         self._first_rate: float | None = None
+        self._known_load_s: float | None = None
         self._sampler.start()
         self.events_log.emit(
             "start",
@@ -278,9 +280,9 @@ class TunedLoader:
         it = self._inner_it
         if it is None:
             raise StopIteration
-        # Loading runs in this thread only without workers: then its CPU time tells whether
-        # the load is CPU work or waiting (the workers' CPU comes from the host source).
-        cpu0 = time.thread_time() if self._inline else 0.0
+        # Without workers loading runs in this process: its CPU time (torch's own threads
+        # included) tells CPU work from waiting; with workers the host source reads theirs.
+        cpu0 = time.process_time() if self._inline else 0.0
         requested = time.perf_counter()
         try:
             batch = next(it)
@@ -290,7 +292,7 @@ class TunedLoader:
         except Exception as exc:
             return self._after_failure(it, exc)
         returned = time.perf_counter()
-        cpu = time.thread_time() - cpu0 if self._inline else 0.0
+        cpu = time.process_time() - cpu0 if self._inline else 0.0
         stream = self._stream
         if stream is not None and stream.issued:
             consumed = stream.issued.popleft()
@@ -749,7 +751,16 @@ class TunedLoader:
 
     def _recommend(self, metrics: WindowMetrics, diagnosis: Diagnosis) -> None:
         bounds = self._bounds_now()
-        rec = plan(metrics, diagnosis, self.config, bounds, allow_batch_size=self._kind == "batch", lr_exponent=self._lr_exponent)
+        self._known_load_s = remember_load(metrics, self.config, bounds, self._known_load_s)
+        rec = plan(
+            metrics,
+            diagnosis,
+            self.config,
+            bounds,
+            allow_batch_size=self._kind == "batch",
+            lr_exponent=self._lr_exponent,
+            known_load_s=self._known_load_s,
+        )
         if self._collective is not None:
             rec = self._collective.broadcast(rec)
         self.recommendation = rec

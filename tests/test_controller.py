@@ -80,13 +80,17 @@ def test_shm_bounds_workers():
     assert est.shm_cap == 2 and est.target == 2
 
 
-def test_batch_headroom_doubles_batch_with_lr_factor():
+def test_batch_headroom_aims_at_high_utilization_within_memory_with_lr_factor():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
+    # 40% busy: ~8.5x the batch would reach 85%; one step grows it at most 4x.
     m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
     d = diagnose(m, cfg)
     rec = plan(m, d, cfg, BOUNDS, lr_exponent=0.5)
-    assert rec.config.batch_size == 64
-    assert rec.lr_factor == pytest.approx(2**0.5)
+    assert rec.config.batch_size == 128
+    assert rec.lr_factor == pytest.approx(2.0)
+    # 70% busy needs less; memory (35 of 80 GiB in use) allows less still.
+    m2 = metrics(gpu_util_mean_pct=45, gpu_util_std_pct=4, gpu_mem_used_bytes=35 * GIB)
+    assert plan(m2, diagnose(m2, cfg), cfg, BOUNDS).config.batch_size == 56
     assert plan(m, d, cfg, BOUNDS, allow_batch_size=False) is None
     capped = plan(m, d, cfg, Bounds(usable_cpus=2, max_workers=16, max_batch_size=48))
     assert capped.config.batch_size == 48
@@ -178,7 +182,51 @@ def test_batch_growth_revert_restores_lr_and_caps_batch():
     c = _controller(cfg, allow_batch_size=True, lr_exponent=1.0)
     m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
     d = c.decide(m, diagnose(m, cfg), 0.0)
-    assert d.action == "change" and d.config.batch_size == 64 and d.lr_factor == 2.0
+    assert d.action == "change" and d.config.batch_size == 128 and d.lr_factor == 4.0
     r = c.decide(metrics(samples_per_s=1610.0), diagnose(metrics(), c.config), 3.0)
-    assert r.action == "revert" and r.config.batch_size == 32 and r.lr_factor == 0.5
+    assert r.action == "revert" and r.config.batch_size == 32 and r.lr_factor == 0.25
     assert c.batch_ceiling == 32
+
+
+def test_small_waits_are_not_worth_a_rebuild():
+    cfg = LoaderConfig(num_workers=8, batch_size=32)
+    # 6% waiting: removing it all gains ~6%, below the 10% a change must promise.
+    m = metrics(wait_share=0.06, wait_s_per_batch=0.0013, compute_s_per_batch=0.02, batches_per_s=47, samples_per_s=1500)
+    assert diagnose(m, cfg).kind == "data_starved"
+    assert plan(m, diagnose(m, cfg), cfg, BOUNDS) is None
+    assert plan(m, diagnose(m, cfg), cfg, BOUNDS, min_gain=0.05) is not None
+
+
+def test_step_past_the_estimate_respects_the_resource_caps():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    # Starved at the RAM cap (4 x 2 GiB within an 8 GiB budget): no step past it.
+    m = metrics(wait_share=0.3, wait_s_per_batch=0.008, compute_s_per_batch=0.02, batches_per_s=36, worker_mem_bytes=2 * GIB)
+    assert plan(m, diagnose(m, cfg), cfg, BOUNDS) is None
+
+
+def test_over_the_ram_budget_steps_down_whatever_the_diagnosis():
+    cfg = LoaderConfig(num_workers=6, batch_size=32)
+    m = metrics(worker_mem_bytes=2 * GIB)
+    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS)
+    assert rec.config.num_workers == 4 and "RAM budget" in rec.reason
+
+
+def test_known_load_time_tempers_the_estimate_when_workers_idle():
+    cfg = LoaderConfig(num_workers=8, batch_size=32)
+    m = metrics(wait_share=0.1, wait_s_per_batch=0.002, compute_s_per_batch=0.02, batches_per_s=45)
+    loose = estimate_workers(m, cfg, BOUNDS)
+    tight = estimate_workers(m, cfg, BOUNDS, known_load_s=0.128)
+    assert tight.load_s_per_batch == pytest.approx(0.128)
+    assert tight.load_s_per_batch < loose.load_s_per_batch
+    assert tight.needed < loose.needed
+
+
+def test_cpu_bound_below_the_cores_tries_one_more_worker():
+    cfg = LoaderConfig(num_workers=1, batch_size=32)
+    m = metrics(
+        wait_share=0.5, wait_s_per_batch=0.02, compute_s_per_batch=0.02, batches_per_s=25,
+        cpu_pct=95.0, usable_cpus=2, process_cpu_pct=5.0, loader_cpu_s_per_batch=0.04,
+    )
+    d = diagnose(m, cfg)
+    assert d.kind == "cpu_bound"
+    assert plan(m, d, cfg, BOUNDS).config.num_workers == 2
