@@ -3,18 +3,20 @@
 The DataLoader's sampler runs ahead of training: up to ``prefetch_factor x num_workers`` batches
 are in flight. To rebuild without losing or repeating a sample, the index stream lives here, in
 the training process, outside any one loader: each loader built on it pulls batches through a
-:class:`StreamBatchSampler`, every batch handed out is recorded as *issued*, and consuming a batch
-pops it. At a rebuild the issued-but-unconsumed batches go back to the front of the stream and
-the next loader carries on. Memory is what is in flight, never the whole epoch's index list.
+:class:`StreamBatchSampler` (or :class:`StreamSampler`), which records every batch it hands out
+as *issued*; consuming a batch pops it. At a rebuild the issued-but-unconsumed batches go back
+to the front of the stream (:func:`requeue_issued`) and the next loader carries on. Memory is
+what is in flight, never the whole epoch's index list.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
-__all__ = ["EpochStream", "StreamBatchSampler", "StreamSampler"]
+__all__ = ["EpochStream", "StreamBatchSampler", "StreamSampler", "requeue_issued"]
 
 
 class EpochStream:
@@ -27,7 +29,6 @@ class EpochStream:
     def __init__(self, source: Iterator[Any]) -> None:
         self._source = source
         self._requeued: deque[Any] = deque()
-        self.issued: deque[Any] = deque()
         self.exhausted = False
 
     def next_item(self) -> Any:
@@ -40,30 +41,49 @@ class EpochStream:
             self.exhausted = True
             raise
 
+    def take(self, n: int) -> list[Any]:
+        """Up to ``n`` next items (fewer only at the end of the epoch)."""
+        out: list[Any] = []
+        requeued = self._requeued
+        while requeued and len(out) < n:
+            out.append(requeued.popleft())
+        missing = n - len(out)
+        if missing and not self.exhausted:
+            # One C-level slice instead of a Python call per index: this is the per-batch path.
+            more = list(islice(self._source, missing))
+            if len(more) < missing:
+                self.exhausted = True
+            out.extend(more)
+        return out
+
     def requeue(self, items: Iterable[Any]) -> None:
         """Puts ``items`` back in front of the stream, in their order."""
         self._requeued.extendleft(reversed(list(items)))
-
-    def requeue_issued(self, flatten: bool) -> int:
-        """Returns every issued-but-unconsumed batch to the stream; returns how many batches.
-
-        Args:
-            flatten: Re-queue the batches' indices one by one (so they can be re-batched at any
-                size) rather than as whole batches.
-        """
-        n = len(self.issued)
-        pending = list(self.issued)
-        self.issued.clear()
-        if flatten:
-            self.requeue(i for batch in pending for i in batch)
-        else:
-            self.requeue(pending)
-        return n
 
     @property
     def requeued(self) -> int:
         """Items waiting in front of the stream."""
         return len(self._requeued)
+
+
+def requeue_issued(stream: EpochStream, issued: Iterable[deque[Any]], flatten: bool) -> int:
+    """Returns issued-but-unconsumed batches to the front of ``stream``; returns how many.
+
+    Args:
+        stream: The epoch stream.
+        issued: The issued deques, oldest loader first (their batches keep that order).
+        flatten: Re-queue the batches' indices one by one (so they can be re-cut at any size)
+            rather than as whole batches.
+    """
+    pending: list[Any] = []
+    for dq in issued:
+        pending.extend(dq)
+        dq.clear()
+    if flatten:
+        stream.requeue(i for batch in pending for i in batch)
+    else:
+        stream.requeue(pending)
+    return len(pending)
 
 
 class StreamBatchSampler:
@@ -73,27 +93,32 @@ class StreamBatchSampler:
         stream: The epoch stream (settable, so persistent workers can move to the next epoch).
         batch_size: Samples per batch.
         drop_last: Drop the epoch's final incomplete batch, as ``BatchSampler`` does.
-        key: Optional function from (epoch position) index to the key the dataset is indexed
-            with (used for per-sample seeding).
+        key: Optional function from an index to the key the dataset is indexed with (used for
+            per-sample seeding).
+
+    Attributes:
+        issued: Batches handed to the DataLoader and not yet consumed, oldest first.
+        closed: Once set, hands out no more batches (the loader drains what it has in flight).
     """
 
-    def __init__(self, stream: EpochStream, batch_size: int, drop_last: bool, key: Any = None) -> None:
+    def __init__(
+        self, stream: EpochStream, batch_size: int, drop_last: bool, key: Callable[[Any], Any] | None = None
+    ) -> None:
         self.stream = stream
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.key = key
+        self.issued: deque[list[Any]] = deque()
+        self.closed = False
 
     def __iter__(self) -> Iterator[list[Any]]:
-        stream = self.stream
         size = self.batch_size
-        issued = stream.issued
+        issued = self.issued
         key = self.key
-        while True:
-            batch = []
-            try:
-                while len(batch) < size:
-                    batch.append(stream.next_item())
-            except StopIteration:
+        while not self.closed:
+            stream = self.stream
+            batch = stream.take(size)
+            if len(batch) < size:
                 if batch and not self.drop_last:
                     issued.append(batch)
                     yield batch if key is None else [key(i) for i in batch]
@@ -108,19 +133,25 @@ class StreamBatchSampler:
 
 class StreamSampler:
     """Hands out the stream's items one by one: whole batches of a user's batch_sampler, or
-    single indices when automatic batching is off (``batch_size=None``)."""
+    single indices when automatic batching is off (``batch_size=None``).
 
-    def __init__(self, stream: EpochStream, key: Any = None) -> None:
+    Attributes:
+        issued: Items handed out and not yet consumed, oldest first.
+        closed: Once set, hands out no more items.
+    """
+
+    def __init__(self, stream: EpochStream, key: Callable[[Any], Any] | None = None) -> None:
         self.stream = stream
         self.key = key
+        self.issued: deque[Any] = deque()
+        self.closed = False
 
     def __iter__(self) -> Iterator[Any]:
-        stream = self.stream
-        issued = stream.issued
+        issued = self.issued
         key = self.key
-        while True:
+        while not self.closed:
             try:
-                item = stream.next_item()
+                item = self.stream.next_item()
             except StopIteration:
                 return
             issued.append(item)

@@ -15,7 +15,9 @@ import math
 import re
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,7 +38,7 @@ from loadertune.errors import ReconfigureError
 from loadertune.events import Event, EventLog
 from loadertune.metrics import WindowMetrics, compute_metrics
 from loadertune.sampler import Sampler
-from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler
+from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler, requeue_issued
 from loadertune.timer import LoopTimer
 
 __all__ = ["MODES", "Mode", "TunedLoader", "tune"]
@@ -227,6 +229,12 @@ class TunedLoader:
         self._inner_loader: DataLoader | None = None
         self._inner_it: Iterator[Any] | None = None
         self._stream: EpochStream | None = None
+        # The old loader handing over its in-flight batches after a worker change, if any.
+        self._drain: _Drain | None = None
+        # What __next__ reads: the draining loader's iterator and issued batches, else the
+        # current loader's (kept in two attributes so the per-batch path does no lookups).
+        self._src_it: Iterator[Any] | None = None
+        self._src_issued: deque[Any] | None = None
         self._pending: LoaderConfig | None = None
         self._last_consumed: Any = None
         self._base_seed_drawn = False
@@ -266,7 +274,7 @@ class TunedLoader:
     def __iter__(self) -> TunedLoader:
         if self._closed:
             raise RuntimeError("this TunedLoader is closed; call tune() again on the DataLoader")
-        if self._inner_it is not None and self._stream is not None and not self._stream.exhausted:
+        if self._src_it is not None and self._stream is not None:
             # The previous epoch was left early: its in-flight batches are simply dropped, as a
             # fresh DataLoader iterator would drop them.
             self._discard_epoch()
@@ -277,7 +285,7 @@ class TunedLoader:
         return self
 
     def __next__(self) -> Any:
-        it = self._inner_it
+        it = self._src_it
         if it is None:
             raise StopIteration
         # Without workers loading runs in this process: its CPU time (torch's own threads
@@ -287,15 +295,19 @@ class TunedLoader:
         try:
             batch = next(it)
         except StopIteration:
+            if self._drain is not None:
+                # The old loader has handed over all it had in flight: on to the new one.
+                self._finish_drain()
+                return self.__next__()
             self._end_epoch()
             raise
         except Exception as exc:
             return self._after_failure(it, exc)
         returned = time.perf_counter()
         cpu = time.process_time() - cpu0 if self._inline else 0.0
-        stream = self._stream
-        if stream is not None and stream.issued:
-            consumed = stream.issued.popleft()
+        issued = self._src_issued
+        if issued:
+            consumed = issued.popleft()
             self._last_consumed = consumed
             n = len(consumed) if self._kind != "single" else 1
         else:
@@ -463,6 +475,7 @@ class TunedLoader:
             if self._inner_loader is None:
                 self._inner_loader = self._build_loader(None)
             self._inner_it = _iterate(self._inner_loader)
+            self._point()
         else:
             source = loader.batch_sampler if self._kind == "batches" else (
                 loader.batch_sampler.sampler if self._kind == "batch" else loader.sampler
@@ -480,10 +493,11 @@ class TunedLoader:
                 self._shutdown_inner()
                 self._inner_loader = self._build_loader(self._stream)
             else:
-                inner = self._inner_loader
-                sampler = inner.sampler if self._kind == "single" else inner.batch_sampler
-                sampler.stream = self._stream  # type: ignore[union-attr]
+                sampler = self._inner_sampler()
+                sampler.stream = self._stream
+                sampler.issued.clear()
             self._inner_it = _iterate(self._inner_loader)
+            self._point()
         self._note_workers()
         self._timer.epoch_started()
         if self._window_deadline == math.inf:
@@ -493,16 +507,18 @@ class TunedLoader:
         if not self.config.persistent_workers:
             self._inner_it = None
         self._stream = None
+        self._src_it = self._src_issued = None
         self.epoch += 1
 
     def _discard_epoch(self) -> None:
-        if self.config.persistent_workers and self.config.num_workers > 0:
+        self._shutdown_drain()
+        if self.config.persistent_workers and self.config.num_workers > 0 and self._inner_loader is not None:
             # torch's _reset drains a persistent iterator's in-flight batches itself.
-            if self._stream is not None:
-                self._stream.issued.clear()
+            self._inner_sampler().issued.clear()
         else:
             self._shutdown_inner()
         self._stream = None
+        self._src_it = self._src_issued = None
         self.epoch += 1
 
     # -- rebuilding ----------------------------------------------------------------------------
@@ -548,15 +564,42 @@ class TunedLoader:
         return DataLoader(self._dataset, batch_size=None, sampler=StreamSampler(stream, key), **kwargs)
 
     def _shutdown_inner(self) -> None:
-        it, self._inner_it = self._inner_it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        inner = self._inner_loader
-        if inner is not None and getattr(inner, "_iterator", None) is not None:
-            inner._iterator._shutdown_workers()
-            inner._iterator = None
+        self._shutdown_drain()
+        _shutdown(self._inner_loader, self._inner_it)
+        self._inner_it = None
         self._inner_loader = None
+        self._src_it = self._src_issued = None
+
+    def _shutdown_drain(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            _shutdown(drain.loader, drain.it)
+
+    def _finish_drain(self) -> None:
+        self._shutdown_drain()
+        self._point()
+        self._note_workers()
+
+    def _point(self) -> None:
+        """Points the per-batch path at the draining loader, else at the current one."""
+        if self._drain is not None:
+            self._src_it, self._src_issued = self._drain.it, self._drain.issued
+        else:
+            self._src_it = self._inner_it
+            self._src_issued = None if self._stream is None or self._inner_loader is None else self._inner_sampler().issued
+
+    def _inner_sampler(self) -> Any:
+        inner = self._inner_loader
+        return inner.sampler if self._kind == "single" else inner.batch_sampler
+
+    def _issued_lists(self) -> list[deque[Any]]:
+        """Issued-but-unconsumed batches of every live loader, oldest loader first."""
+        out = []
+        if self._drain is not None:
+            out.append(self._drain.issued)
+        if self._inner_loader is not None and self._stream is not None:
+            out.append(self._inner_sampler().issued)
+        return out
 
     def _set_config(self, config: LoaderConfig) -> None:
         """Switches configuration between epochs (no stream to carry over)."""
@@ -564,20 +607,44 @@ class TunedLoader:
         self.config = config
         self._rebuilds += 1
 
-    def _rebuild(self, config: LoaderConfig) -> None:
-        """Switches configuration mid-epoch at the current batch boundary."""
+    def _rebuild(self, config: LoaderConfig, handoff_ok: bool = True) -> None:
+        """Switches configuration mid-epoch at the current batch boundary.
+
+        A change of workers with batches in flight hands over: the old loader stops taking
+        indices and drains what it has in flight while the new workers start and load the next
+        ones, so the loop keeps training through the switch. Anything else (a batch-size change,
+        a second change during a hand-over, a fault) re-queues the in-flight batches instead.
+        """
         stream = self._stream
-        if stream is not None:
-            stream.requeue_issued(flatten=self._kind == "batch")
-        self._shutdown_inner()
+        in_flight = 0
+        handoff = (
+            handoff_ok
+            and stream is not None
+            and self._drain is None
+            and self._inner_it is not None
+            and self.config.num_workers > 0
+            and config.batch_size == self.config.batch_size
+            and bool(self._src_issued)
+        )
+        if handoff:
+            sampler = self._inner_sampler()
+            sampler.closed = True
+            in_flight = len(sampler.issued)
+            self._drain = _Drain(self._inner_loader, self._inner_it, sampler.issued)
+            self._inner_loader = self._inner_it = None
+        else:
+            if stream is not None:
+                requeue_issued(stream, self._issued_lists(), flatten=self._kind == "batch")
+            self._shutdown_inner()
         self.config = config
         self._rebuilds += 1
         if stream is not None:
             # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
             self._inner_loader = self._build_loader(stream)
             self._inner_it = _iterate(self._inner_loader)
-            self._note_workers()
-        warmup = max(2, config.num_workers)
+        self._point()
+        self._note_workers()
+        warmup = in_flight + max(2, config.num_workers)
         self._timer.discard(warmup)
         if self._collective is None:
             self._open_window(warmup)
@@ -587,7 +654,7 @@ class TunedLoader:
         if stream is None:
             raise ReconfigureError("no epoch in progress to hand the failed batch back to")
         # In-flight batches come after the failed one, so they go back first, then it in front.
-        stream.requeue_issued(flatten=True)
+        requeue_issued(stream, self._issued_lists(), flatten=True)
         stream.requeue(items)
 
     def _change(
@@ -653,9 +720,8 @@ class TunedLoader:
 
     # -- faults --------------------------------------------------------------------------------
     def _pop_failed(self) -> None:
-        stream = self._stream
-        if stream is not None and stream.issued:
-            stream.issued.popleft()
+        if self._src_issued:
+            self._src_issued.popleft()
 
     def _after_failure(self, it: Any, exc: Exception) -> Any:
         """Handles an exception from ``next()``: a dead worker is recovered from, anything else
@@ -675,7 +741,7 @@ class TunedLoader:
                 if late is exc or not _WORKER_DIED.search(str(late)):
                     raise
                 exc = late
-                it = self._inner_it
+                it = self._src_it
         return self.__next__()
 
     def _recover(self, exc: Exception) -> None:
@@ -689,7 +755,8 @@ class TunedLoader:
             fewer,
             self.step,
         )
-        self._rebuild(before.replace(num_workers=fewer))
+        # A broken loader cannot hand anything over: its in-flight batches are re-queued.
+        self._rebuild(before.replace(num_workers=fewer), handoff_ok=False)
         self._controller.note_external_change(self.config)
         if self._controller.ceiling_workers is None or before.num_workers < self._controller.ceiling_workers:
             self._controller.ceiling_workers = before.num_workers
@@ -916,8 +983,8 @@ class TunedLoader:
         set_pids = getattr(host, "set_worker_pids", None)
         if set_pids is None:
             return
-        it = self._inner_it
-        workers = getattr(it, "_workers", None) or []
+        its = [self._inner_it] + ([self._drain.it] if self._drain is not None else [])
+        workers = [w for it in its for w in (getattr(it, "_workers", None) or [])]
         set_pids([w.pid for w in workers if w.pid is not None])
 
     def _summary(self) -> dict[str, Any]:
@@ -939,6 +1006,25 @@ class TunedLoader:
             "changes": len(changes),
             "rebuilds": self._rebuilds,
         }
+
+
+@dataclass(frozen=True)
+class _Drain:
+    """An old loader handing over the batches it has in flight."""
+
+    loader: DataLoader
+    it: Iterator[Any]
+    issued: deque[Any]
+
+
+def _shutdown(loader: DataLoader | None, it: Any) -> None:
+    """Stops a loader's workers now (a persistent loader keeps its iterator on the loader)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    if loader is not None and getattr(loader, "_iterator", None) is not None:
+        loader._iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _worker_death(it: Any, exc: Exception) -> str:

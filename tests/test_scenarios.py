@@ -89,7 +89,7 @@ def test_steady_forty_percent_with_free_memory_is_batch_headroom():
         d, rec = train_until_diagnosed(t, gpu)
         assert d.kind == "batch_headroom", d.summary
         assert d.evidence["gpu_util_mean_pct"] < 50
-        assert rec is not None and rec.config.batch_size == 32 and rec.lr_factor is not None
+        assert rec is not None and rec.config.batch_size > 16 and rec.lr_factor is not None
 
 
 def test_cpu_bound_transforms_on_more_workers_than_cores_is_cpu_bound():

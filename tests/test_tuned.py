@@ -455,3 +455,33 @@ def test_lr_warmup_and_schedule_length_follow_a_batch_change():
         quiet(DataLoader(Indexed(8), batch_size=2), lr_warmup_steps=-1)
     with pytest.raises(ValueError, match="keep_schedule_length"):
         quiet(DataLoader(Indexed(8), batch_size=2), keep_schedule_length=True)
+
+
+def test_worker_change_hands_over_in_flight_batches_without_requeueing():
+    reference = list(range(200))
+    with quiet(DataLoader(Indexed(200), batch_size=4, num_workers=2, prefetch_factor=4)) as t:
+        got = []
+        for step, b in enumerate(t):
+            got.extend(b.tolist())
+            if step == 3:
+                t.reconfigure(num_workers=3)
+                # The old loader drains what it had in flight; the new one already started.
+                assert t._drain is not None and len(t._drain.issued) > 0
+                assert t._stream.requeued == 0
+            if step == 4:
+                # A second change during the hand-over re-queues both loaders' batches, in order.
+                t.reconfigure(num_workers=1)
+                assert t._drain is None
+        assert got == reference
+
+
+def test_hand_over_with_persistent_workers_across_epochs():
+    with quiet(DataLoader(Indexed(40), batch_size=4, num_workers=2, persistent_workers=True, shuffle=True, generator=torch.Generator().manual_seed(3))) as t:
+        ref = DataLoader(Indexed(40), batch_size=4, num_workers=2, persistent_workers=True, shuffle=True, generator=torch.Generator().manual_seed(3))
+        for epoch in range(3):
+            got = []
+            for step, b in enumerate(t):
+                got.extend(b.tolist())
+                if epoch == 0 and step == 2:
+                    t.reconfigure(num_workers=3)
+            assert got == flat(ref)
