@@ -241,8 +241,11 @@ def plan(
                 f"CPUs; {cap} do the same work with less contention"
             )
         elif w < min(cap, limit) and potential >= min_gain:
-            new = new.replace(num_workers=w + 1)
-            reason = f"the load is CPU-bound with {cap} spare CPUs and {w} workers: one more can use one"
+            target = min(cap, limit)
+            new = new.replace(num_workers=target)
+            reason = (
+                f"the load is CPU-bound with {cap} spare CPUs and {w} workers: {target} keep them busy"
+            )
     elif kind == "memory_bound" and w > 0:
         caps = [c for c in (estimate.ram_cap, estimate.shm_cap) if c is not None] if estimate else []
         target = min([w - 1, *caps])

@@ -101,6 +101,12 @@ class LoopTimer:
         return self._batches
 
     @property
+    def wait_share(self) -> float:
+        """Share of the current window's loop time spent waiting so far."""
+        busy = self._wait_s + self._compute_s
+        return self._wait_s / busy if busy > 0 else 0.0
+
+    @property
     def elapsed_s(self) -> float:
         """Wall time from the window's first counted request to the last batch."""
         if self._start is None or self._last_return is None:

@@ -52,6 +52,10 @@ MODES: tuple[Mode, ...] = ("recommend", "apply")
 _LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
 _DEATH_WAIT_S = 2.0
+# A window may close this early when the loop waits at least this share of its time.
+_EARLY_WINDOW_S = 0.5
+_EARLY_WINDOW_BATCHES = 4
+_EARLY_WAIT_SHARE = 0.5
 _TORCH_WORKER_WARNING = "This DataLoader will create"
 
 
@@ -240,6 +244,7 @@ class TunedLoader:
         self._base_seed_drawn = False
         self._window_deadline = math.inf
         self._window_step = 0
+        self._window_opened = (0.0, 0)
         self._dist_window_steps = max(4 * mwb, 40)
         self._logged_rec: LoaderConfig | None = None
         self._batch_bytes: int | None = None
@@ -772,8 +777,12 @@ class TunedLoader:
     # -- windows -------------------------------------------------------------------------------
     def _open_window(self, discard: int = 0) -> None:
         if self._collective is None:
-            self._window_deadline = time.perf_counter() + self.window_s
-            self._window_step = self.step + discard + self.min_window_batches
+            # A first look early on: a loop that mostly waits needs no long measurement to know
+            # it needs workers, and every second spent at the old setting is lost throughput.
+            now = time.perf_counter()
+            self._window_opened = (now, self.step + discard)
+            self._window_deadline = now + min(self.window_s, _EARLY_WINDOW_S)
+            self._window_step = self.step + discard + min(self.min_window_batches, _EARLY_WINDOW_BATCHES)
         else:
             # Every rank closes its window at the same step, so every rank decides at that step.
             self._window_deadline = -math.inf
@@ -781,6 +790,13 @@ class TunedLoader:
 
     def _on_window(self, batch: Any) -> None:
         now = time.perf_counter()
+        if self._collective is None and self._timer.wait_share < _EARLY_WAIT_SHARE:
+            opened_s, opened_step = self._window_opened
+            if now < opened_s + self.window_s or self.step < opened_step + self.min_window_batches:
+                # Not clearly starved: measure the full window.
+                self._window_deadline = opened_s + self.window_s
+                self._window_step = opened_step + self.min_window_batches
+                return
         loop = self._timer.take()
         ticks = self._sampler.window(loop.start_s, loop.end_s)
         metrics = compute_metrics(loop, ticks, self.config)

@@ -61,3 +61,11 @@ def test_rate_noise_is_zero_for_regular_batches_and_positive_otherwise():
     assert timer.take().rate_rel_stderr == pytest.approx(0.0, abs=1e-6)
     _run(timer, [0.001, 0.05] * 25, [0.01] * 50, start=100.0)
     assert timer.take().rate_rel_stderr > 0.01
+
+
+def test_wait_share_so_far():
+    timer = LoopTimer()
+    assert timer.wait_share == 0.0
+    _run(timer, [0.03] * 4, [0.01] * 4)
+    # Three compute gaps are seen (0.03 s) against 0.12 s of waiting.
+    assert timer.wait_share == pytest.approx(0.12 / 0.15)
