@@ -136,12 +136,8 @@ def estimate_workers(
     needed = bounds.max_workers if math.isinf(demand) else max(1, math.ceil(load * demand * _AIM_MARGIN))
     caps: dict[str, int] = {"max_workers": bounds.max_workers}
     cpu_cap = ram_cap = shm_cap = None
-    loop_cpu = 0.0
-    if m.process_cpu_pct is not None:
-        loop_cpu = m.process_cpu_pct / 100.0
-        if w == 0 and m.loader_cpu_s_per_batch is not None:
-            loop_cpu -= m.loader_cpu_s_per_batch * m.batches_per_s
-    spare = max(1.0, bounds.usable_cpus - max(0.0, loop_cpu))
+    loop_cpu = m.loop_cpu_cores or 0.0
+    spare = max(1.0, bounds.usable_cpus - loop_cpu)
     if m.loader_cpu_s_per_batch is not None and m.loader_cpu_s_per_batch > 0:
         # Share of a core one busy worker uses: ~1 for CPU-bound loads, ~0 for I/O waits.
         per_worker = min(1.0, m.loader_cpu_s_per_batch / load)

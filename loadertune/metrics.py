@@ -39,6 +39,8 @@ class WindowMetrics:
         rate_rel_stderr: Relative standard error of the rate: the measurement's own noise.
         loader_cpu_s_per_batch: CPU seconds spent loading one batch (in the training thread at
             ``num_workers=0``, in the workers otherwise).
+        loop_cpu_cores: CPUs the training loop itself keeps busy (its thread between batches
+            without workers; the whole training process with workers).
         loader_runqueue_s_per_batch: Seconds the workers waited for a CPU per batch (CPU
             contention, not I/O), where the host source reads it.
         epoch_start_wait_s: Mean wait for an epoch's first batch, when an epoch started.
@@ -72,6 +74,7 @@ class WindowMetrics:
     rate_rel_stderr: float
     loader_cpu_s_per_batch: float | None = None
     loader_runqueue_s_per_batch: float | None = None
+    loop_cpu_cores: float | None = None
     epoch_start_wait_s: float | None = None
     gpu_util_mean_pct: float | None = None
     gpu_util_std_pct: float | None = None
@@ -116,6 +119,7 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
     wait_s = max(0.0, loop.wait_s - loop.epoch_start_wait_s)
     busy_s = wait_s + loop.compute_s
     batches = loop.batches
+    steady = max(1, batches - loop.epoch_starts)
     rate = samples_rate = 0.0
     if busy_s > 0:
         rate = batches / busy_s
@@ -123,7 +127,11 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
     fields: dict[str, Any] = {}
     if ticks is not None and len(ticks):
         fields = _tick_fields(ticks)
-    loader_cpu = runqueue = None
+    loader_cpu = runqueue = loop_cores = None
+    if config.num_workers == 0 and loop.gaps and loop.compute_s > 0:
+        loop_cores = loop.loop_cpu_s / busy_s
+    elif fields.get("process_cpu_pct") is not None:
+        loop_cores = fields["process_cpu_pct"] / 100.0
     if batches and config.num_workers > 0 and fields.get("workers_runqueue_pct") is not None and busy_s > 0:
         runqueue = fields["workers_runqueue_pct"] / 100.0 * busy_s / batches
     if batches:
@@ -138,8 +146,10 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
         samples_per_s=samples_rate,
         batches_per_s=rate,
         wait_share=(wait_s / busy_s) if busy_s > 0 else 0.0,
-        wait_s_per_batch=(wait_s / batches) if batches else 0.0,
-        compute_s_per_batch=(loop.compute_s / batches) if batches else 0.0,
+        wait_s_per_batch=(wait_s / steady) if batches else 0.0,
+        # The gap before a window's first batch falls in the previous window: count gaps.
+        compute_s_per_batch=(loop.compute_s / loop.gaps) if loop.gaps else 0.0,
+        loop_cpu_cores=loop_cores,
         rate_rel_stderr=loop.rate_rel_stderr,
         loader_cpu_s_per_batch=loader_cpu,
         loader_runqueue_s_per_batch=runqueue,

@@ -25,6 +25,8 @@ class LoopWindow:
         compute_s: Time between batches, outside ``next(loader)`` (the training step).
         interval_sq_sum_s2: Sum of squared batch-to-batch intervals (for the rate's noise).
         loader_cpu_s: CPU time the loading took in the training thread (``num_workers=0`` only).
+        loop_cpu_s: CPU time of the training thread between batches (``num_workers=0`` only).
+        gaps: Batch-to-batch gaps measured (``compute_s`` is their sum).
         max_wait_s: The longest single wait.
         epoch_start_wait_s: Waits for the first batch of an epoch in this window, summed.
         epoch_starts: Epoch starts in this window.
@@ -38,6 +40,8 @@ class LoopWindow:
     compute_s: float
     interval_sq_sum_s2: float
     loader_cpu_s: float
+    loop_cpu_s: float
+    gaps: int
     max_wait_s: float
     epoch_start_wait_s: float
     epoch_starts: int
@@ -69,7 +73,9 @@ class LoopTimer:
         "_epoch_start",
         "_epoch_start_wait_s",
         "_epoch_starts",
+        "_gaps",
         "_last_return",
+        "_loop_cpu_s",
         "_max_wait_s",
         "_samples",
         "_sq_sum",
@@ -91,6 +97,8 @@ class LoopTimer:
         self._compute_s = 0.0
         self._sq_sum = 0.0
         self._cpu_s = 0.0
+        self._loop_cpu_s = 0.0
+        self._gaps = 0
         self._max_wait_s = 0.0
         self._epoch_start_wait_s = 0.0
         self._epoch_starts = 0
@@ -125,8 +133,14 @@ class LoopTimer:
         self._last_return = None
         self._reset()
 
-    def record(self, requested_s: float, returned_s: float, samples: int, cpu_s: float = 0.0) -> None:
-        """Records one batch: requested at ``requested_s``, delivered at ``returned_s``."""
+    def record(
+        self, requested_s: float, returned_s: float, samples: int, cpu_s: float = 0.0, loop_cpu_s: float = 0.0
+    ) -> None:
+        """Records one batch: requested at ``requested_s``, delivered at ``returned_s``.
+
+        ``cpu_s`` is CPU time spent inside ``next()``, ``loop_cpu_s`` CPU time of the training
+        thread since the previous batch arrived (both measured only without workers).
+        """
         last = self._last_return
         self._last_return = returned_s
         wait = returned_s - requested_s
@@ -142,6 +156,8 @@ class LoopTimer:
             self._start = requested_s
         elif last is not None:
             self._compute_s += requested_s - last
+            self._gaps += 1
+            self._loop_cpu_s += loop_cpu_s
             interval = returned_s - last
             self._sq_sum += interval * interval
         self._batches += 1
@@ -163,6 +179,8 @@ class LoopTimer:
             compute_s=self._compute_s,
             interval_sq_sum_s2=self._sq_sum,
             loader_cpu_s=self._cpu_s,
+            loop_cpu_s=self._loop_cpu_s,
+            gaps=self._gaps,
             max_wait_s=self._max_wait_s,
             epoch_start_wait_s=self._epoch_start_wait_s,
             epoch_starts=self._epoch_starts,

@@ -253,6 +253,7 @@ class TunedLoader:
         self._closed = False
         self._first_rate: float | None = None
         self._known_load_s: float | None = None
+        self._cpu_mark = time.thread_time()
         self._sampler.start()
         self.events_log.emit(
             "start",
@@ -293,9 +294,10 @@ class TunedLoader:
         it = self._src_it
         if it is None:
             raise StopIteration
-        # Without workers loading runs in this process: its CPU time (torch's own threads
-        # included) tells CPU work from waiting; with workers the host source reads theirs.
-        cpu0 = time.process_time() if self._inline else 0.0
+        # Without workers loading runs in this thread: its CPU time tells CPU work from
+        # waiting, and the thread's CPU between batches is the loop's own (other threads of the
+        # process, such as progress bars, must not count); with workers the host source reads.
+        cpu0 = time.thread_time() if self._inline else 0.0
         requested = time.perf_counter()
         try:
             batch = next(it)
@@ -309,7 +311,12 @@ class TunedLoader:
         except Exception as exc:
             return self._after_failure(it, exc)
         returned = time.perf_counter()
-        cpu = time.process_time() - cpu0 if self._inline else 0.0
+        if self._inline:
+            cpu1 = time.thread_time()
+            cpu, loop_cpu = cpu1 - cpu0, cpu0 - self._cpu_mark
+            self._cpu_mark = cpu1
+        else:
+            cpu = loop_cpu = 0.0
         issued = self._src_issued
         if issued:
             consumed = issued.popleft()
@@ -318,7 +325,7 @@ class TunedLoader:
         else:
             n = self.config.batch_size or 1
         self.step += 1
-        self._timer.record(requested, returned, n, cpu)
+        self._timer.record(requested, returned, n, cpu, loop_cpu)
         if returned >= self._window_deadline and self.step >= self._window_step:
             self._on_window(batch)
         elif self._batch_bytes is None:

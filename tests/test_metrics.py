@@ -13,7 +13,7 @@ def _loop(**kw):
     base = dict(
         start_s=0.0, end_s=2.0, batches=100, samples=800, wait_s=0.5, compute_s=1.5,
         interval_sq_sum_s2=100 * 0.02**2, loader_cpu_s=0.2, max_wait_s=0.05,
-        epoch_start_wait_s=0.0, epoch_starts=0,
+        epoch_start_wait_s=0.0, epoch_starts=0, loop_cpu_s=0.5, gaps=100,
     )
     base.update(kw)
     return LoopWindow(**base)
@@ -36,6 +36,8 @@ def test_rates_and_shares_from_the_loop():
     assert m.compute_s_per_batch == pytest.approx(0.015)
     # At num_workers=0 the loading CPU is the training thread's.
     assert m.loader_cpu_s_per_batch == pytest.approx(0.002)
+    # The loop's thread burned 0.5 s of CPU over 2 s: a quarter of a core.
+    assert m.loop_cpu_cores == pytest.approx(0.25)
     assert m.gpu_util_mean_pct is None and m.ticks == 0
 
 
@@ -73,6 +75,8 @@ def test_empty_window_has_zero_rates():
     assert m.to_dict()["batches"] == 0
 
 
-def test_epoch_start_wait_is_averaged():
-    m = compute_metrics(_loop(epoch_start_wait_s=3.0, epoch_starts=2), None, LoaderConfig())
+def test_epoch_start_wait_is_averaged_and_kept_out_of_the_steady_figures():
+    m = compute_metrics(_loop(wait_s=3.5, epoch_start_wait_s=3.0, epoch_starts=2), None, LoaderConfig())
     assert m.epoch_start_wait_s == pytest.approx(1.5)
+    assert m.wait_s_per_batch == pytest.approx(0.5 / 98)
+    assert m.wait_share == pytest.approx(0.5 / 2.0)

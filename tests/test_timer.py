@@ -20,7 +20,7 @@ def test_wait_and_compute_are_split():
     assert w.batches == 10 and w.samples == 80
     assert w.wait_s == pytest.approx(0.1)
     # Compute before the first batch is not seen; nine gaps are.
-    assert w.compute_s == pytest.approx(0.27)
+    assert w.compute_s == pytest.approx(0.27) and w.gaps == 9
     assert w.max_wait_s == pytest.approx(0.01)
 
 
@@ -69,3 +69,12 @@ def test_wait_share_so_far():
     _run(timer, [0.03] * 4, [0.01] * 4)
     # Three compute gaps are seen (0.03 s) against 0.12 s of waiting.
     assert timer.wait_share == pytest.approx(0.12 / 0.15)
+
+
+def test_loop_cpu_is_summed_over_gaps():
+    timer = LoopTimer()
+    for i in range(4):
+        timer.record(i * 1.0, i * 1.0 + 0.5, 4, cpu_s=0.1, loop_cpu_s=0.2)
+    w = timer.take()
+    # The first batch has no gap before it in this window, so its loop CPU is not counted.
+    assert w.loop_cpu_s == pytest.approx(0.6) and w.loader_cpu_s == pytest.approx(0.4)
