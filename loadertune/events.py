@@ -85,7 +85,7 @@ class EventLog:
             try:
                 sink(event)
             except Exception:  # a broken sink must not break training
-                logger.warning("loadertune: event sink %r failed", sink, exc_info=True)
+                logger.warning("event sink %r failed", sink, exc_info=True)
         return event
 
     def close(self) -> None:

@@ -160,6 +160,8 @@ class Sampler:
 
             self._host = HostSource()
             self._want_host = False
+            # Its CPU shares need a baseline some time back: the first reading waits an interval.
+            self._host_at = time.perf_counter()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="loadertune-sampler", daemon=True)
         self._thread.start()
@@ -172,7 +174,7 @@ class Sampler:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2 * self.interval_s + 0.05)
             if thread.is_alive():
-                logger.warning("loadertune: the sampler thread is still inside a read; leaving it as a daemon")
+                logger.warning("the sampler thread is still inside a read; leaving it as a daemon")
 
     def close(self) -> None:
         """Stops the thread and closes the sources."""
@@ -183,7 +185,7 @@ class Sampler:
                 try:
                     close()
                 except Exception:  # closing must not fail the caller's shutdown
-                    logger.debug("loadertune: closing %r failed", source, exc_info=True)
+                    logger.debug("closing %r failed", source, exc_info=True)
 
     def __enter__(self) -> Sampler:
         return self.start()
@@ -265,7 +267,7 @@ class Sampler:
             try:
                 self.tick()
             except Exception:  # the thread must never die or raise into the training loop
-                logger.debug("loadertune: sampler tick failed", exc_info=True)
+                logger.debug("sampler tick failed", exc_info=True)
             next_tick += self.interval_s
             delay = next_tick - time.perf_counter()
             if delay < 0:
@@ -281,7 +283,7 @@ class Sampler:
         except Exception as exc:
             fields = ", ".join(_GPU_MAP) if kind == "gpu" else ", ".join(_HOST_FIELDS)
             logger.warning(
-                "loadertune: the %s source %s failed (%s: %s); %s are no longer sampled",
+                "the %s source %s failed (%s: %s); %s are no longer sampled",
                 kind,
                 getattr(source, "name", type(source).__name__),
                 type(exc).__name__,

@@ -410,7 +410,7 @@ class TunedLoader:
         self._shutdown_inner()
         self._sampler.close()
         summary = self._summary()
-        logger.info("loadertune: %s", summary["text"])
+        logger.info("%s", summary["text"])
         self.events_log.emit("summary", self.step, self.epoch, **summary)
         self.events_log.close()
 
@@ -686,7 +686,7 @@ class TunedLoader:
         else:
             self._rebuild(config)
             when = f"at step {self.step}"
-        logger.info("loadertune: %s %s -> %s %s: %s", kind, before.describe(), config.describe(), when, reason)
+        logger.info("%s %s -> %s %s: %s", kind, before.describe(), config.describe(), when, reason)
         self.events_log.emit(
             kind if kind != "reconfigure" else "change",
             self.step,
@@ -762,7 +762,7 @@ class TunedLoader:
         before = self.config
         fewer = max(0, before.num_workers - max(1, before.num_workers // 2))
         logger.warning(
-            "loadertune: %s; rebuilding with num_workers=%d and resuming at step %d, no sample lost",
+            "%s; rebuilding with num_workers=%d and resuming at step %d, no sample lost",
             exc,
             fewer,
             self.step,
@@ -860,12 +860,12 @@ class TunedLoader:
         target = rec.config if rec is not None else None
         self._logged_rec = target
         if rec is None:
-            logger.info("loadertune: %s Keep %s.", diagnosis.summary, self.config.describe())
+            logger.info("%s Keep %s.", diagnosis.summary, self.config.describe())
             return
         changes = ", ".join(f"{k}={a}->{b}" for k, a, b in ((k, *v) for k, v in rec.changes.items()))
         extra = f" (expected ~{rec.expected_speedup:.1f}x samples/s)" if rec.expected_speedup else ""
         lr = f"; scale the learning rate by {rec.lr_factor:.3g} ({self._lr_rule} rule)" if rec.lr_factor else ""
-        logger.info("loadertune: %s Recommend %s%s: %s%s.", diagnosis.summary, changes, extra, rec.reason, lr)
+        logger.info("%s Recommend %s%s: %s%s.", diagnosis.summary, changes, extra, rec.reason, lr)
         self.events_log.emit(
             "recommendation",
             self.step,
@@ -891,7 +891,7 @@ class TunedLoader:
             )
             return
         if decision.action in ("keep", "retune"):
-            logger.info("loadertune: %s", decision.reason)
+            logger.info("%s", decision.reason)
             self.events_log.emit(decision.action, self.step, self.epoch, **decision.to_dict())
 
     def _bounds_now(self) -> Bounds:
@@ -917,7 +917,7 @@ class TunedLoader:
             from loadertune.lr import resolve_lr_rule
 
             rule, why = resolve_lr_rule("auto", self._optimizer)
-            logger.info("loadertune: lr_rule='auto' chose %r: %s", rule, why)
+            logger.info("lr_rule='auto' chose %r: %s", rule, why)
         return rule, _LR_EXPONENTS[rule]
 
     def _seeded_dataset(self, dataset: Any, seed: int | None) -> Any:
@@ -951,7 +951,7 @@ class TunedLoader:
 
                 return NvmlGpu(torch.cuda.current_device())
             except Exception as exc:  # auto means best effort: no NVML, no GPU metrics
-                logger.info("loadertune: no GPU metrics (%s)", exc)
+                logger.info("no GPU metrics (%s)", exc)
                 return None
         if isinstance(gpu, str):
             raise ValueError(f"gpu must be 'auto', None or a GPU source object, got {gpu!r}")
@@ -1014,12 +1014,18 @@ class TunedLoader:
         last = self.metrics.samples_per_s if self.metrics else None
         first = self._first_rate
         changes = [e for e in self.events_log.events if e.kind in ("change", "revert", "fault")]
-        text = (
-            f"summary: {self.step} batches over {self.epoch} epoch(s); "
-            f"{self._initial_config.describe()} -> {self.config.describe()}; {len(changes)} change(s)"
-        )
-        if first and last:
-            text += f"; {first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x)"
+        if changes:
+            what = f"{self._initial_config.describe()} -> {self.config.describe()} in {len(changes)} change(s)"
+            if first and last:
+                what += f"; {first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x)"
+        else:
+            what = f"unchanged {self.config.describe()}"
+            if last:
+                what += f"; {last:.0f} samples/s in the last window"
+        rec = self.recommendation
+        if self.mode == "recommend" and rec is not None:
+            what += f"; recommended {', '.join(f'{k}={b}' for k, (_a, b) in rec.changes.items())}"
+        text = f"summary: {self.step} batches in {self._epochs_started} epoch(s); {what}"
         return {
             "text": text,
             "initial_config": self._initial_config.to_dict(),

@@ -279,7 +279,7 @@ class HostSource:
         except Exception as exc:  # one metric's failure must not cost the reading
             if metric not in self._warned:
                 self._warned.add(metric)
-                _log.warning("loadertune: host metric %s unavailable (%r); it is None", metric, exc)
+                _log.warning("host metric %s unavailable (%r); it is None", metric, exc)
             else:
                 _log.debug("host metric %s failed again: %r", metric, exc)
             return None

@@ -383,7 +383,7 @@ def _warn_if_order_ambiguous(devices: list[_Device]) -> None:
     names = {d.name for d in devices if d.mig_index is None and d.name}
     if len(names) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
         _log.warning(
-            "loadertune: GPUs of different models (%s) and CUDA_DEVICE_ORDER is not PCI_BUS_ID: "
+            "GPUs of different models (%s) and CUDA_DEVICE_ORDER is not PCI_BUS_ID: "
             "CUDA may number them differently from NVML, so the GPU watched may not be the one "
             "used. Set CUDA_DEVICE_ORDER=PCI_BUS_ID, or pass the device's UUID.",
             ", ".join(sorted(str(n) for n in names)),
@@ -546,7 +546,7 @@ class NvmlGpu:
             if exc.value in _LOST_CODES:
                 self._lost = True
                 _log.warning(
-                    "loadertune: %s (%s) is lost (%s); every GPU metric is None from now on",
+                    "%s (%s) is lost (%s); every GPU metric is None from now on",
                     self.name,
                     self.uuid,
                     _describe(exc),
@@ -556,7 +556,7 @@ class NvmlGpu:
             elif metric not in self._transient_warned:
                 self._transient_warned.add(metric)
                 _log.warning(
-                    "loadertune: %s: reading %s failed (%s); it is None while this lasts",
+                    "%s: reading %s failed (%s); it is None while this lasts",
                     self.name,
                     metric,
                     _describe(exc),
@@ -575,7 +575,7 @@ class NvmlGpu:
             hint = "; NVML reports no utilization for MIG instances"
         _log.log(
             logging.WARNING if warn else logging.INFO,
-            "loadertune: %s: %s is unavailable (%s%s); it is None from now on",
+            "%s: %s is unavailable (%s%s); it is None from now on",
             self.name,
             metric,
             _describe(exc),
