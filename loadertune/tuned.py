@@ -166,6 +166,13 @@ class TunedLoader:
                 f"tune() takes a torch.utils.data.DataLoader, got {type(loader).__name__}; "
                 "wrap your dataset in a DataLoader first"
             )
+        if type(loader).__module__.split(".")[0] == "accelerate":
+            raise ValueError(
+                f"tune() got an accelerate {type(loader).__name__}: accelerate shards and "
+                "synchronizes its shuffling inside that loader's own iteration, which loadertune "
+                "replaces. Call tune() on the plain DataLoader (with a DistributedSampler) before "
+                "accelerator.prepare(); see docs/distributed.md"
+            )
         mode = options["mode"]
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -184,12 +191,17 @@ class TunedLoader:
         self._iterable = isinstance(loader.dataset, IterableDataset)
         self._kind = _stream_kind(loader)
         self.config = LoaderConfig.from_loader(loader)
+        # A BatchSampler passed in (batch_size=None on the loader) holds the batch settings.
+        self._drop_last = loader.batch_sampler.drop_last if self._kind == "batch" else loader.drop_last
+        if self._kind == "batch" and self.config.batch_size is None:
+            self.config = self.config.replace(batch_size=loader.batch_sampler.batch_size)
         self._initial_config = self.config
         self.allow_batch_size = bool(options["allow_batch_size"])
         self._optimizer = options["optimizer"]
         self._scheduler = options["scheduler"]
         self._lr_rule, self._lr_exponent = self._resolve_lr(options["lr_rule"])
         self._accumulation = _check_accumulation(options["accumulation_steps"])
+        self._accumulation_planned = self._accumulation
         warmup = options["lr_warmup_steps"]
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
             raise ValueError(f"lr_warmup_steps must be an int >= 0, got {warmup!r}")
@@ -254,6 +266,11 @@ class TunedLoader:
         self._first_rate: float | None = None
         self._known_load_s: float | None = None
         self._cpu_mark = time.thread_time()
+        # What follows a batch-size change (learning rate, accumulation steps), held until the
+        # first batch of the new size reaches the loop.
+        self._batch_actions: list[Callable[[], None]] = []
+        self._epoch_actions: list[Callable[[], None]] = []
+        self._actions_step = 0
         self._sampler.start()
         self.events_log.emit(
             "start",
@@ -287,6 +304,9 @@ class TunedLoader:
         if self._pending is not None:
             self._set_config(self._pending)
             self._pending = None
+            self._batch_actions.extend(self._epoch_actions)
+            self._epoch_actions = []
+            self._actions_step = self.step
         self._start_epoch()
         return self
 
@@ -330,6 +350,9 @@ class TunedLoader:
             self._on_window(batch)
         elif self._batch_bytes is None:
             self._batch_bytes = _nbytes(batch)
+        if self._batch_actions and self.step > self._actions_step:
+            # The first batch of a new size: the learning rate follows it now.
+            self._run_batch_actions()
         return batch
 
     def __len__(self) -> int:
@@ -337,7 +360,7 @@ class TunedLoader:
             return len(self.loader)
         n = len(self.loader.batch_sampler.sampler)
         bs = self.config.batch_size
-        return n // bs if self.loader.drop_last else math.ceil(n / bs)
+        return n // bs if self._drop_last else math.ceil(n / bs)
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch number and passes it to the sampler (``DistributedSampler.set_epoch``)."""
@@ -409,6 +432,8 @@ class TunedLoader:
         self._closed = True
         self._shutdown_inner()
         self._sampler.close()
+        if self._collective is not None:
+            self._collective.close()
         summary = self._summary()
         logger.info("%s", summary["text"])
         self.events_log.emit("summary", self.step, self.epoch, **summary)
@@ -564,11 +589,11 @@ class TunedLoader:
             kwargs["persistent_workers"] = c.persistent_workers
         key = self._key_fn()
         if stream is None:  # IterableDataset: its own order; changes take effect per epoch
-            return DataLoader(self._dataset, batch_size=c.batch_size, drop_last=loader.drop_last, **kwargs)
+            return DataLoader(self._dataset, batch_size=c.batch_size, drop_last=self._drop_last, **kwargs)
         if self._kind == "batch":
             return DataLoader(
                 self._dataset,
-                batch_sampler=StreamBatchSampler(stream, c.batch_size, loader.drop_last, key),
+                batch_sampler=StreamBatchSampler(stream, c.batch_size, self._drop_last, key),
                 **kwargs,
             )
         if self._kind == "batches":
@@ -619,7 +644,7 @@ class TunedLoader:
         self.config = config
         self._rebuilds += 1
 
-    def _rebuild(self, config: LoaderConfig, handoff_ok: bool = True) -> None:
+    def _rebuild(self, config: LoaderConfig, handoff_ok: bool = True, extend_window: bool = True) -> None:
         """Switches configuration mid-epoch at the current batch boundary.
 
         A change of workers with batches in flight hands over: the old loader stops taking
@@ -660,6 +685,9 @@ class TunedLoader:
         self._timer.discard(warmup)
         if self._collective is None:
             self._open_window(warmup)
+        elif extend_window:
+            # Every rank takes this decision at the same step with the same warm-up.
+            self._window_step += warmup
 
     def _stream_requeue_front(self, items: Any) -> None:
         stream = self._stream
@@ -700,32 +728,57 @@ class TunedLoader:
         )
 
     def _follow_batch(self, before: LoaderConfig, after: LoaderConfig, lr_factor: float | None) -> float | None:
+        """Plans what follows a batch-size change: the learning rate, or the accumulation steps.
+
+        It takes effect with the first batch of the new size (``_batch_actions``), not now: the
+        batch the loop is about to get may still be of the old size.
+        """
         ratio = after.batch_size / before.batch_size
         if self._accumulation is not None:
-            k = self._accumulation * before.batch_size / after.batch_size
+            k = self._accumulation_planned * before.batch_size / after.batch_size
             if k >= 1 and float(k).is_integer():
-                self._accumulation = int(k)
+                self._accumulation_planned = int(k)
+                self._defer(lambda: setattr(self, "_accumulation", int(k)))
                 self._note_batch_increase(before, after, None)
                 return None
         if lr_factor is None:
             lr_factor = ratio**self._lr_exponent
-        if self._optimizer is not None and lr_factor != 1.0:
+        factor = lr_factor
+        self._defer(lambda: self._scale_lr(before, after, factor))
+        self._note_batch_increase(before, after, lr_factor)
+        return lr_factor
+
+    def _defer(self, action: Callable[[], None]) -> None:
+        """Runs ``action`` when the first batch of the new configuration is handed out."""
+        if self._iterable:
+            self._epoch_actions.append(action)  # an IterableDataset changes at the next epoch
+        else:
+            self._batch_actions.append(action)
+            # Batches up to this step are of the old configuration (this one too, when a window
+            # decided inside next()); the next one is the first of the new.
+            self._actions_step = self.step
+
+    def _scale_lr(self, before: LoaderConfig, after: LoaderConfig, factor: float) -> None:
+        if self._optimizer is not None and factor != 1.0:
             from loadertune.lr import LrWarmup, scale_lr
 
             if self._warmup is not None:
                 self._warmup.remove()
                 self._warmup = None
-            if self._lr_warmup_steps and lr_factor > 1.0:
-                self._warmup = LrWarmup(self._optimizer, lr_factor, self._lr_warmup_steps, self._scheduler)
+            if self._lr_warmup_steps and factor > 1.0:
+                self._warmup = LrWarmup(self._optimizer, factor, self._lr_warmup_steps, self._scheduler)
             else:
-                scale_lr(self._optimizer, lr_factor, self._scheduler)
+                scale_lr(self._optimizer, factor, self._scheduler)
         if self._keep_schedule_length:
             from loadertune.lr import rescale_schedule_length
 
             # Steps per epoch shrink as the batch grows: old batch / new batch.
             rescale_schedule_length(self._scheduler, before.batch_size / after.batch_size)
-        self._note_batch_increase(before, after, lr_factor)
-        return lr_factor
+
+    def _run_batch_actions(self) -> None:
+        actions, self._batch_actions = self._batch_actions, []
+        for action in actions:
+            action()
 
     def _note_batch_increase(self, before: LoaderConfig, after: LoaderConfig, factor: float | None) -> None:
         self._batch_increase = (before, factor) if after.batch_size > before.batch_size else None
@@ -768,7 +821,8 @@ class TunedLoader:
             self.step,
         )
         # A broken loader cannot hand anything over: its in-flight batches are re-queued.
-        self._rebuild(before.replace(num_workers=fewer), handoff_ok=False)
+        # A fault is this rank's alone: it must not move the window every rank closes together.
+        self._rebuild(before.replace(num_workers=fewer), handoff_ok=False, extend_window=False)
         self._controller.note_external_change(self.config)
         if self._controller.ceiling_workers is None or before.num_workers < self._controller.ceiling_workers:
             self._controller.ceiling_workers = before.num_workers
@@ -809,9 +863,9 @@ class TunedLoader:
         metrics = compute_metrics(loop, ticks, self.config)
         collective = self._collective
         if collective is not None:
-            metrics = collective.reduce_metrics(metrics)
-            wanted = max(self.min_window_batches, math.ceil(self.window_s * metrics.batches_per_s))
-            self._dist_window_steps = collective.max_int(wanted)
+            metrics = collective.reduce_metrics(metrics, step=self.step)
+            # Identical metrics on every rank give every rank the same next window.
+            self._dist_window_steps = max(self.min_window_batches, math.ceil(self.window_s * metrics.batches_per_s))
         self._open_window()
         self._batch_bytes = _nbytes(batch)
         env = self._environment
@@ -835,7 +889,7 @@ class TunedLoader:
         decision = self._controller.decide(metrics, diagnosis, now)
         if collective is not None:
             # Rank 0's decision is everyone's: cooldowns and bounds may differ per rank.
-            decision = collective.broadcast(decision)
+            decision = collective.broadcast(decision, step=self.step)
             self._controller.adopt(decision)
         self._act(decision)
 
@@ -852,7 +906,7 @@ class TunedLoader:
             known_load_s=self._known_load_s,
         )
         if self._collective is not None:
-            rec = self._collective.broadcast(rec)
+            rec = self._collective.broadcast(rec, step=self.step)
         self.recommendation = rec
         if _similar(rec.config if rec else None, self._logged_rec):
             # Rates wobble between windows; repeat a recommendation only when it really changes.
@@ -1116,7 +1170,7 @@ def _stream_kind(loader: DataLoader) -> str:
     if loader.batch_sampler is None:
         return "single"
     if type(loader.batch_sampler) is BatchSampler:
-        return "batch"
+        return "batch"  # torch's own, whether the DataLoader built it or the user passed it
     return "batches"
 
 

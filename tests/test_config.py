@@ -34,7 +34,7 @@ def test_bad_values_raise_clear_errors(kwargs, message):
 
 
 def test_replace_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown loader setting.*num_worker.*choose from"):
+    with pytest.raises(ValueError, match=r"unknown loader setting.*num_worker.*choose from"):
         LoaderConfig().replace(num_worker=3)
 
 

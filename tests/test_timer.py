@@ -7,7 +7,7 @@ from loadertune.timer import LoopTimer
 
 def _run(timer, waits, computes, start=0.0, samples=8):
     t = start
-    for wait, compute in zip(waits, computes):
+    for wait, compute in zip(waits, computes, strict=True):
         timer.record(t, t + wait, samples)
         t += wait + compute
     return t

@@ -321,16 +321,22 @@ def test_oom_guard_reverts_batch_growth_and_hands_samples_out_again():
     loader = DataLoader(Indexed(40), batch_size=8)
     with quiet(loader, optimizer=opt, lr_rule="linear") as t:
         trained = []
+        lrs = []
         for step, b in enumerate(t):
             if step == 1:
                 t.reconfigure(batch_size=16)
-                assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+                # The learning rate follows the first batch of the new size, not before.
+                assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+            lrs.append((len(b), opt.param_groups[0]["lr"]))
             with t.oom_guard():
                 gpu.step(len(b))
                 trained.extend(b.tolist())
         assert t.config.batch_size == 8
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     assert trained == list(range(40))
+    # Every batch trained at the learning rate of its size.
+    assert lrs[:3] == [(8, 0.1), (8, 0.1), (16, pytest.approx(0.2))]
+    assert all(lr == pytest.approx(0.1 * size / 8) for size, lr in lrs if size in (8, 16))
 
 
 def test_oom_without_a_batch_increase_is_reraised():
@@ -345,8 +351,11 @@ def test_oom_without_a_batch_increase_is_reraised():
 def test_accumulation_keeps_effective_batch_instead_of_scaling_lr():
     opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
     with quiet(DataLoader(Indexed(32), batch_size=4), optimizer=opt, accumulation_steps=4) as t:
+        it = iter(t)
+        assert len(next(it)) == 4 and t.accumulation_steps == 4
         t.reconfigure(batch_size=8)
-        assert t.accumulation_steps == 2
+        assert t.accumulation_steps == 4  # still, until a batch of 8 arrives
+        assert len(next(it)) == 8 and t.accumulation_steps == 2
         assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -407,7 +416,7 @@ def test_bad_arguments_name_what_is_wrong(kwargs, message):
 
 
 def test_not_a_dataloader():
-    with pytest.raises(ValueError, match="takes a torch.utils.data.DataLoader"):
+    with pytest.raises(ValueError, match=r"takes a torch\.utils\.data\.DataLoader"):
         loadertune.tune([1, 2, 3])
 
 
@@ -419,11 +428,11 @@ def test_allow_batch_size_on_iterable_is_refused():
 def test_event_log_and_summary(tmp_path, caplog):
     path = tmp_path / "run.jsonl"
     seen = []
-    with caplog.at_level(logging.INFO, "loadertune"):
-        with quiet(DataLoader(Indexed(40), batch_size=4), log_file=str(path), sinks=(seen.append,)) as t:
-            for step, _ in enumerate(t):
-                if step == 3:
-                    t.reconfigure(num_workers=1)
+    loader = DataLoader(Indexed(40), batch_size=4)
+    with caplog.at_level(logging.INFO, "loadertune"), quiet(loader, log_file=str(path), sinks=(seen.append,)) as t:
+        for step, _ in enumerate(t):
+            if step == 3:
+                t.reconfigure(num_workers=1)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     kinds = [e["kind"] for e in lines]
     assert kinds[0] == "start" and kinds[-1] == "summary" and "change" in kinds
@@ -447,7 +456,10 @@ def test_lr_warmup_and_schedule_length_follow_a_batch_change():
         lr_warmup_steps=4,
         keep_schedule_length=True,
     ) as t:
+        it = iter(t)
+        next(it)
         t.reconfigure(batch_size=8)
+        next(it)
         # The group holds the target; the ramp applies inside optimizer.step().
         assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
         assert sched.step_size == 5
@@ -485,3 +497,37 @@ def test_hand_over_with_persistent_workers_across_epochs():
                 if epoch == 0 and step == 2:
                     t.reconfigure(num_workers=3)
             assert got == flat(ref)
+
+
+def test_an_explicit_batch_sampler_is_a_batch_size_loader():
+    sampler = BatchSampler(SequentialSampler(range(21)), 4, drop_last=True)
+    with quiet(DataLoader(Indexed(21), batch_sampler=sampler)) as t:
+        assert t.config.batch_size == 4 and len(t) == 5
+        got = []
+        for step, b in enumerate(t):
+            got.append(b.tolist())
+            if step == 0:
+                t.reconfigure(batch_size=8)
+        # drop_last comes from the BatchSampler: the incomplete tail is dropped.
+        assert got == [[0, 1, 2, 3], list(range(4, 12)), list(range(12, 20))]
+
+
+def test_iterable_dataset_lr_follows_at_the_next_epoch():
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+    with quiet(DataLoader(Stream(12), batch_size=3), optimizer=opt, lr_rule="linear") as t:
+        for step, _ in enumerate(t):
+            if step == 0:
+                t.reconfigure(batch_size=6)
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+        sizes = []
+        for b in t:
+            sizes.append(len(b))
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+        assert sizes == [6, 6]
+
+
+def test_accelerate_prepared_loaders_are_refused_with_the_fix():
+    fake = type("DataLoaderShard", (DataLoader,), {})
+    fake.__module__ = "accelerate.data_loader"
+    with pytest.raises(ValueError, match=r"before accelerator\.prepare"):
+        quiet(fake(Indexed(4), batch_size=2))
