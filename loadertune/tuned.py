@@ -851,7 +851,10 @@ class TunedLoader:
 
     def _on_window(self, batch: Any) -> None:
         now = time.perf_counter()
-        if self._collective is None and self._timer.wait_share < _EARLY_WAIT_SHARE:
+        # Early only without workers: then this thread's CPU time already tells CPU work from
+        # waiting; with workers that takes the host source a few readings.
+        early_ok = self._timer.wait_share >= _EARLY_WAIT_SHARE and self.config.num_workers == 0
+        if self._collective is None and not early_ok:
             opened_s, opened_step = self._window_opened
             if now < opened_s + self.window_s or self.step < opened_step + self.min_window_batches:
                 # Not clearly starved: measure the full window.
