@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+
+def check_seconds(name: str, value: Any) -> float:
+    """``value`` as a positive, finite number of seconds; else a ValueError naming ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
 
 #: The fields of :class:`LoaderConfig` that a user may change through ``reconfigure``.
 CONFIG_FIELDS = ("num_workers", "batch_size", "prefetch_factor", "pin_memory", "persistent_workers")

@@ -28,6 +28,7 @@ __all__ = [
     "estimate_workers",
     "plan",
     "remember_load",
+    "same_recommendation",
 ]
 
 # Aim a little above the estimate: the estimate ignores the IPC cost of each batch.
@@ -102,6 +103,16 @@ class Recommendation:
     lr_factor: float | None = None
     expected_speedup: float | None = None
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def describe(self, lr_rule: str | None = None) -> str:
+        """One line: the changes, the expected gain, why, and the learning-rate factor."""
+        changes = ", ".join(f"{k}={a}->{b}" for k, (a, b) in self.changes.items())
+        extra = f" (expected ~{self.expected_speedup:.1f}x samples/s)" if self.expected_speedup else ""
+        lr = ""
+        if self.lr_factor:
+            rule = f" ({lr_rule} rule)" if lr_rule else ""
+            lr = f"; scale the learning rate by {self.lr_factor:.3g}{rule}"
+        return f"{changes}{extra}: {self.reason}{lr}"
 
     def to_dict(self) -> dict[str, Any]:
         """The recommendation as a JSON-ready dict."""
@@ -277,6 +288,18 @@ def plan(
 _AIM_UTIL = 0.85
 _MAX_BATCH_STEP = 4.0
 _MEMORY_FILL = 0.85
+
+
+def same_recommendation(a: LoaderConfig | None, b: LoaderConfig | None) -> bool:
+    """Whether two recommended configurations are the same advice (worker counts within ~20%).
+
+    Rates wobble between windows; a recommendation is repeated only when it really changes.
+    """
+    if a is None or b is None:
+        return a is b
+    if a.replace(num_workers=b.num_workers, prefetch_factor=b.prefetch_factor) != b:
+        return False
+    return abs(a.num_workers - b.num_workers) <= max(1, 0.2 * b.num_workers)
 
 
 def _aimed_batch(m: WindowMetrics, batch: int, max_batch: int | None) -> int:

@@ -23,20 +23,21 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
-from loadertune.config import LoaderConfig
+from loadertune.config import LoaderConfig, check_seconds
 from loadertune.controller import (
     Bounds,
     Controller,
     Decision,
     Recommendation,
-    default_max_workers,
     plan,
     remember_load,
+    same_recommendation,
 )
 from loadertune.diagnose import Diagnosis, Environment, diagnose
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event, EventLog
 from loadertune.metrics import WindowMetrics, compute_metrics
+from loadertune.resources import node_bounds, resolve_gpu
 from loadertune.sampler import Sampler
 from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler, requeue_issued
 from loadertune.timer import LoopTimer
@@ -176,8 +177,8 @@ class TunedLoader:
         mode = options["mode"]
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        _check_positive("window_s", options["window_s"])
-        _check_positive("interval_s", options["interval_s"])
+        check_seconds("window_s", options["window_s"])
+        check_seconds("interval_s", options["interval_s"])
         mwb = options["min_window_batches"]
         if not isinstance(mwb, int) or mwb < 2:
             raise ValueError(f"min_window_batches must be an int >= 2, got {mwb!r}")
@@ -225,8 +226,9 @@ class TunedLoader:
 
         self._collective = _make_collective(options["dist_timeout_s"])
         self.events_log = EventLog(options["log_file"], sinks=tuple(options["sinks"]))
-        self._sampler = Sampler(options["interval_s"], gpu=self._resolve_gpu(options["gpu"]), host=options["host"])
-        self._bounds = self._make_bounds(options["max_workers"], share)
+        self._sampler = Sampler(options["interval_s"], gpu=resolve_gpu(options["gpu"]), host=options["host"])
+        local = self._collective.local_world_size if self._collective is not None else 1
+        self._bounds = node_bounds(options["max_workers"], share, local)
         self._environment = self._make_environment()
         self._controller = Controller(
             self.config,
@@ -911,7 +913,7 @@ class TunedLoader:
         if self._collective is not None:
             rec = self._collective.broadcast(rec, step=self.step)
         self.recommendation = rec
-        if _similar(rec.config if rec else None, self._logged_rec):
+        if same_recommendation(rec.config if rec else None, self._logged_rec):
             # Rates wobble between windows; repeat a recommendation only when it really changes.
             return
         target = rec.config if rec is not None else None
@@ -919,10 +921,7 @@ class TunedLoader:
         if rec is None:
             logger.info("%s Keep %s.", diagnosis.summary, self.config.describe())
             return
-        changes = ", ".join(f"{k}={a}->{b}" for k, a, b in ((k, *v) for k, v in rec.changes.items()))
-        extra = f" (expected ~{rec.expected_speedup:.1f}x samples/s)" if rec.expected_speedup else ""
-        lr = f"; scale the learning rate by {rec.lr_factor:.3g} ({self._lr_rule} rule)" if rec.lr_factor else ""
-        logger.info("%s Recommend %s%s: %s%s.", diagnosis.summary, changes, extra, rec.reason, lr)
+        logger.info("%s Recommend %s.", diagnosis.summary, rec.describe(self._lr_rule))
         self.events_log.emit(
             "recommendation",
             self.step,
@@ -996,47 +995,6 @@ class TunedLoader:
 
         # Read the epoch when the key is made: a persistent loader lives across epochs.
         return lambda i: SampleKey(self.epoch, i)
-
-    def _resolve_gpu(self, gpu: Any) -> Any:
-        if gpu is None or gpu is False:
-            return None
-        if gpu == "auto":
-            if not torch.cuda.is_available():
-                return None
-            try:
-                from loadertune.sources.nvml import NvmlGpu
-
-                return NvmlGpu(torch.cuda.current_device())
-            except Exception as exc:  # auto means best effort: no NVML, no GPU metrics
-                logger.info("no GPU metrics (%s)", exc)
-                return None
-        if isinstance(gpu, str):
-            raise ValueError(f"gpu must be 'auto', None or a GPU source object, got {gpu!r}")
-        if not callable(getattr(gpu, "read", None)):
-            raise ValueError(
-                f"gpu must be 'auto', None or an object with read() (NvmlGpu, SimulatedGpu), got {type(gpu).__name__}"
-            )
-        return gpu
-
-    def _make_bounds(self, max_workers: int | None, share: float) -> Bounds:
-        from loadertune.sources.host import usable_cpus
-
-        cpus = usable_cpus()
-        if self._collective is not None:
-            # Each rank's worker budget is its share of the node.
-            cpus = max(1, cpus // self._collective.local_world_size)
-        ram = None
-        try:
-            import psutil
-
-            ram = int(psutil.virtual_memory().available * share)
-        except Exception:  # no RAM figure, no RAM bound
-            ram = None
-        return Bounds(
-            usable_cpus=cpus,
-            max_workers=max_workers or default_max_workers(cpus),
-            ram_budget_bytes=ram,
-        )
 
     def _make_environment(self) -> Environment:
         model = self._model
@@ -1140,14 +1098,6 @@ def _worker_death(it: Any, exc: Exception) -> str:
     return "none"
 
 
-def _similar(a: LoaderConfig | None, b: LoaderConfig | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    if a.replace(num_workers=b.num_workers, prefetch_factor=b.prefetch_factor) != b:
-        return False
-    return abs(a.num_workers - b.num_workers) <= max(1, 0.2 * b.num_workers)
-
-
 def _iterate(loader: DataLoader) -> Iterator[Any]:
     with warnings.catch_warnings():
         # torch warns past its suggested worker count (the usable CPUs); loadertune goes past it
@@ -1157,7 +1107,7 @@ def _iterate(loader: DataLoader) -> Iterator[Any]:
 
 
 def _make_collective(timeout_s: float) -> Any:
-    _check_positive("dist_timeout_s", timeout_s)
+    check_seconds("dist_timeout_s", timeout_s)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
@@ -1175,11 +1125,6 @@ def _stream_kind(loader: DataLoader) -> str:
     if type(loader.batch_sampler) is BatchSampler:
         return "batch"  # torch's own, whether the DataLoader built it or the user passed it
     return "batches"
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def _check_accumulation(k: Any) -> int | None:

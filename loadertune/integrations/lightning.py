@@ -29,18 +29,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from loadertune.config import LoaderConfig
+from loadertune.config import LoaderConfig, check_seconds
 from loadertune.controller import (
     Bounds,
     Controller,
     Decision,
     Recommendation,
-    default_max_workers,
     plan,
+    same_recommendation,
 )
 from loadertune.diagnose import Diagnosis, Environment, diagnose
 from loadertune.events import Event, EventLog
 from loadertune.metrics import WindowMetrics, compute_metrics
+from loadertune.resources import node_bounds, resolve_gpu
 from loadertune.sampler import Sampler
 from loadertune.timer import LoopTimer
 
@@ -152,7 +153,7 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
                 "allow_batch_size=True to be told when a larger batch would pay"
             )
         for name in ("window_s", "interval_s", "dist_timeout_s"):
-            _check_positive(name, options[name])
+            check_seconds(name, options[name])
         mwb = options["min_window_batches"]
         if not isinstance(mwb, int) or isinstance(mwb, bool) or mwb < 2:
             raise ValueError(f"min_window_batches must be an int >= 2, got {mwb!r}")
@@ -229,9 +230,8 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         self._collective = _make_collective(options["dist_timeout_s"])
         self._environment = _environment(pl_module)
         self._lr_rule, self._lr_exponent = _lr_rule(options["lr_rule"], trainer)
-        self._bounds = _bounds(
-            options["max_workers"], options["ram_budget_share"], self._collective
-        )
+        local = self._collective.local_world_size if self._collective is not None else 1
+        self._bounds = node_bounds(options["max_workers"], options["ram_budget_share"], local)
         self._controller = Controller(
             self.config,
             self._bounds,
@@ -241,7 +241,7 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         )
         self._events = EventLog(options["log_file"], sinks=tuple(options["sinks"]))
         self._sampler = Sampler(
-            options["interval_s"], gpu=_resolve_gpu(options["gpu"]), host=options["host"]
+            options["interval_s"], gpu=resolve_gpu(options["gpu"]), host=options["host"]
         )
         self._sampler.start()
         self._running = True
@@ -379,28 +379,14 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
             rec = self._collective.broadcast(rec)
         self.recommendation = rec
         target = rec.config if rec is not None else None
-        if _similar(target, self._logged_rec):
+        if same_recommendation(target, self._logged_rec):
             # Rates wobble between windows; repeat a recommendation only when it really changes.
             return
         self._logged_rec = target
         if rec is None:
             logger.info("%s Keep %s.", diagnosis.summary, self.config.describe())
             return
-        changes = ", ".join(f"{k}={a}->{b}" for k, (a, b) in rec.changes.items())
-        extra = (
-            f" (expected ~{rec.expected_speedup:.1f}x samples/s)" if rec.expected_speedup else ""
-        )
-        lr = ""
-        if rec.lr_factor:
-            lr = f"; scale the learning rate by {rec.lr_factor:.3g} ({self._lr_rule} rule)"
-        logger.info(
-            "%s Recommend %s%s: %s%s.",
-            diagnosis.summary,
-            changes,
-            extra,
-            rec.reason,
-            lr,
-        )
+        logger.info("%s Recommend %s.", diagnosis.summary, rec.describe(self._lr_rule))
         self._events.emit(
             "recommendation",
             step,
@@ -609,61 +595,3 @@ def _lr_rule(rule: str, trainer: Any) -> tuple[str, float]:
     return rule, exponents[rule]
 
 
-def _bounds(max_workers: int | None, share: float, collective: Any) -> Bounds:
-    from loadertune.sources.host import usable_cpus
-
-    cpus = usable_cpus()
-    if collective is not None:
-        # Each rank's worker budget is its share of the node.
-        cpus = max(1, cpus // collective.local_world_size)
-    ram = None
-    try:
-        import psutil
-
-        ram = int(psutil.virtual_memory().available * share)
-    except Exception:  # no RAM figure, no RAM bound
-        ram = None
-    return Bounds(
-        usable_cpus=cpus, max_workers=max_workers or default_max_workers(cpus), ram_budget_bytes=ram
-    )
-
-
-def _resolve_gpu(gpu: Any) -> Any:
-    if gpu is None or gpu is False:
-        return None
-    if gpu == "auto":
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        try:
-            from loadertune.sources.nvml import NvmlGpu
-
-            return NvmlGpu(torch.cuda.current_device())
-        except Exception as exc:  # auto means best effort: no NVML, no GPU metrics
-            logger.info("no GPU metrics (%s)", exc)
-            return None
-    if isinstance(gpu, str) or not callable(getattr(gpu, "read", None)):
-        raise ValueError(
-            "gpu must be 'auto', None or an object with read() (NvmlGpu, SimulatedGpu), "
-            f"got {gpu!r}"
-        )
-    return gpu
-
-
-def _similar(a: LoaderConfig | None, b: LoaderConfig | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    if a.replace(num_workers=b.num_workers, prefetch_factor=b.prefetch_factor) != b:
-        return False
-    return abs(a.num_workers - b.num_workers) <= max(1, 0.2 * b.num_workers)
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
