@@ -440,6 +440,9 @@ class Controller:
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
         if self._trial is not None:
             return self._judge(metrics, now_s)
+        if self.converged and (diagnosis.kind == "memory_bound" or self._over_budget(metrics)):
+            # Memory keeps growing after convergence (caches fill): limits are never on hold.
+            self.converged = False
         if self.converged:
             if self._drifted(metrics):
                 self.converged = False
@@ -535,6 +538,10 @@ class Controller:
             after_samples_per_s=after,
             lr_factor=(1.0 / trial.lr_factor) if trial.lr_factor else None,
         )
+
+    def _over_budget(self, metrics: WindowMetrics) -> bool:
+        est = estimate_workers(metrics, self.config, self.bounds)
+        return est is not None and est.ram_cap is not None and self.config.num_workers > est.ram_cap
 
     def _converge(self, metrics: WindowMetrics, rate: float | None = None) -> None:
         self.converged = True

@@ -230,3 +230,12 @@ def test_cpu_bound_below_the_cores_tries_one_more_worker():
     d = diagnose(m, cfg)
     assert d.kind == "cpu_bound"
     assert plan(m, d, cfg, BOUNDS).config.num_workers == 2
+
+
+def test_memory_growing_after_convergence_still_steps_down():
+    c = _controller(LoaderConfig(num_workers=6, batch_size=32))
+    small = metrics(worker_mem_bytes=GIB)  # caches still filling: 6 GiB within the 8 GiB budget
+    assert c.decide(small, diagnose(small, c.config), 0.0).action == "hold" and c.converged
+    grown = metrics(worker_mem_bytes=2 * GIB)  # now 12 GiB: over the budget
+    d = c.decide(grown, diagnose(grown, c.config), 5.0)
+    assert d.action == "change" and d.config.num_workers == 4
