@@ -128,15 +128,15 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
     if ticks is not None and len(ticks):
         fields = _tick_fields(ticks)
     loader_cpu = runqueue = loop_cores = None
-    if config.num_workers == 0 and loop.gaps and loop.compute_s > 0:
-        loop_cores = loop.loop_cpu_s / busy_s
+    if config.num_workers == 0 and loop.loop_cpu_n and busy_s > 0:
+        loop_cores = loop.loop_cpu_s / loop.loop_cpu_n * loop.gaps / busy_s
     elif fields.get("process_cpu_pct") is not None:
         loop_cores = fields["process_cpu_pct"] / 100.0
     if batches and config.num_workers > 0 and fields.get("workers_runqueue_pct") is not None and busy_s > 0:
         runqueue = fields["workers_runqueue_pct"] / 100.0 * busy_s / batches
     if batches:
         if config.num_workers == 0:
-            loader_cpu = loop.loader_cpu_s / batches
+            loader_cpu = loop.loader_cpu_s / loop.loader_cpu_n if loop.loader_cpu_n else None
         elif fields.get("workers_cpu_pct") is not None and busy_s > 0:
             loader_cpu = fields["workers_cpu_pct"] / 100.0 * busy_s / batches
     return WindowMetrics(

@@ -24,8 +24,10 @@ class LoopWindow:
         wait_s: Time blocked in ``next(loader)``.
         compute_s: Time between batches, outside ``next(loader)`` (the training step).
         interval_sq_sum_s2: Sum of squared batch-to-batch intervals (for the rate's noise).
-        loader_cpu_s: CPU time the loading took in the training thread (``num_workers=0`` only).
-        loop_cpu_s: CPU time of the training thread between batches (``num_workers=0`` only).
+        loader_cpu_s: CPU time the loading took in the training thread, over the batches timed
+            (``num_workers=0`` only; ``loader_cpu_n`` of them).
+        loop_cpu_s: CPU time of the training thread between batches, over the gaps timed
+            (``loop_cpu_n`` of them).
         gaps: Batch-to-batch gaps measured (``compute_s`` is their sum).
         max_wait_s: The longest single wait.
         epoch_start_wait_s: Waits for the first batch of an epoch in this window, summed.
@@ -41,6 +43,8 @@ class LoopWindow:
     interval_sq_sum_s2: float
     loader_cpu_s: float
     loop_cpu_s: float
+    loader_cpu_n: int
+    loop_cpu_n: int
     gaps: int
     max_wait_s: float
     epoch_start_wait_s: float
@@ -68,6 +72,7 @@ class LoopTimer:
     __slots__ = (
         "_batches",
         "_compute_s",
+        "_cpu_n",
         "_cpu_s",
         "_discard",
         "_epoch_start",
@@ -75,6 +80,7 @@ class LoopTimer:
         "_epoch_starts",
         "_gaps",
         "_last_return",
+        "_loop_cpu_n",
         "_loop_cpu_s",
         "_max_wait_s",
         "_samples",
@@ -97,7 +103,9 @@ class LoopTimer:
         self._compute_s = 0.0
         self._sq_sum = 0.0
         self._cpu_s = 0.0
+        self._cpu_n = 0
         self._loop_cpu_s = 0.0
+        self._loop_cpu_n = 0
         self._gaps = 0
         self._max_wait_s = 0.0
         self._epoch_start_wait_s = 0.0
@@ -134,12 +142,13 @@ class LoopTimer:
         self._reset()
 
     def record(
-        self, requested_s: float, returned_s: float, samples: int, cpu_s: float = 0.0, loop_cpu_s: float = 0.0
+        self, requested_s: float, returned_s: float, samples: int, cpu_s: float = -1.0, loop_cpu_s: float = -1.0
     ) -> None:
         """Records one batch: requested at ``requested_s``, delivered at ``returned_s``.
 
         ``cpu_s`` is CPU time spent inside ``next()``, ``loop_cpu_s`` CPU time of the training
-        thread since the previous batch arrived (both measured only without workers).
+        thread since the previous batch arrived; negative when not timed (only some batches are,
+        and only without workers).
         """
         last = self._last_return
         self._last_return = returned_s
@@ -157,13 +166,17 @@ class LoopTimer:
         elif last is not None:
             self._compute_s += requested_s - last
             self._gaps += 1
-            self._loop_cpu_s += loop_cpu_s
+            if loop_cpu_s >= 0.0:
+                self._loop_cpu_s += loop_cpu_s
+                self._loop_cpu_n += 1
             interval = returned_s - last
             self._sq_sum += interval * interval
         self._batches += 1
         self._samples += samples
         self._wait_s += wait
-        self._cpu_s += cpu_s
+        if cpu_s >= 0.0:
+            self._cpu_s += cpu_s
+            self._cpu_n += 1
         if wait > self._max_wait_s:
             self._max_wait_s = wait
 
@@ -180,6 +193,8 @@ class LoopTimer:
             interval_sq_sum_s2=self._sq_sum,
             loader_cpu_s=self._cpu_s,
             loop_cpu_s=self._loop_cpu_s,
+            loader_cpu_n=self._cpu_n,
+            loop_cpu_n=self._loop_cpu_n,
             gaps=self._gaps,
             max_wait_s=self._max_wait_s,
             epoch_start_wait_s=self._epoch_start_wait_s,

@@ -53,6 +53,7 @@ MODES: tuple[Mode, ...] = ("recommend", "apply")
 _LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
 _DEATH_WAIT_S = 2.0
+_CPU_EVERY = 8
 # A window may close this early when the loop waits at least this share of its time.
 _EARLY_WINDOW_S = 0.5
 _EARLY_WINDOW_BATCHES = 4
@@ -267,7 +268,8 @@ class TunedLoader:
         self._closed = False
         self._first_rate: float | None = None
         self._known_load_s: float | None = None
-        self._cpu_mark = time.thread_time()
+        self._cpu_mark = 0.0
+        self._cpu_phase = 0
         # What follows a batch-size change (learning rate, accumulation steps), held until the
         # first batch of the new size reaches the loop.
         self._batch_actions: list[Callable[[], None]] = []
@@ -319,7 +321,14 @@ class TunedLoader:
         # Without workers loading runs in this thread: its CPU time tells CPU work from
         # waiting, and the thread's CPU between batches is the loop's own (other threads of the
         # process, such as progress bars, must not count); with workers the host source reads.
-        cpu0 = time.thread_time() if self._inline else 0.0
+        # Reading the thread clock costs ~2 us here, so one batch in _CPU_EVERY is timed (its
+        # time in next(), and the loop's gap after it); the metrics average what was timed.
+        phase = self._cpu_phase if self._inline else -1
+        cpu = loop_cpu = -1.0
+        if phase == 0:
+            cpu = time.thread_time()
+        elif phase == 1:
+            loop_cpu = time.thread_time() - self._cpu_mark
         requested = time.perf_counter()
         try:
             batch = next(it)
@@ -333,12 +342,11 @@ class TunedLoader:
         except Exception as exc:
             return self._after_failure(it, exc)
         returned = time.perf_counter()
-        if self._inline:
-            cpu1 = time.thread_time()
-            cpu, loop_cpu = cpu1 - cpu0, cpu0 - self._cpu_mark
-            self._cpu_mark = cpu1
-        else:
-            cpu = loop_cpu = 0.0
+        if phase >= 0:
+            if phase == 0:
+                self._cpu_mark = time.thread_time()
+                cpu = self._cpu_mark - cpu
+            self._cpu_phase = (phase + 1) % _CPU_EVERY
         issued = self._src_issued
         if issued:
             consumed = issued.popleft()

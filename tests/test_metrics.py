@@ -13,7 +13,7 @@ def _loop(**kw):
     base = dict(
         start_s=0.0, end_s=2.0, batches=100, samples=800, wait_s=0.5, compute_s=1.5,
         interval_sq_sum_s2=100 * 0.02**2, loader_cpu_s=0.2, max_wait_s=0.05,
-        epoch_start_wait_s=0.0, epoch_starts=0, loop_cpu_s=0.5, gaps=100,
+        epoch_start_wait_s=0.0, epoch_starts=0, loop_cpu_s=0.5, gaps=100, loader_cpu_n=100, loop_cpu_n=100,
     )
     base.update(kw)
     return LoopWindow(**base)

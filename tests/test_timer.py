@@ -71,10 +71,12 @@ def test_wait_share_so_far():
     assert timer.wait_share == pytest.approx(0.12 / 0.15)
 
 
-def test_loop_cpu_is_summed_over_gaps():
+def test_cpu_is_summed_over_the_batches_and_gaps_timed():
     timer = LoopTimer()
     for i in range(4):
         timer.record(i * 1.0, i * 1.0 + 0.5, 4, cpu_s=0.1, loop_cpu_s=0.2)
+    timer.record(4.0, 4.5, 4)  # not timed
     w = timer.take()
     # The first batch has no gap before it in this window, so its loop CPU is not counted.
-    assert w.loop_cpu_s == pytest.approx(0.6) and w.loader_cpu_s == pytest.approx(0.4)
+    assert w.loop_cpu_s == pytest.approx(0.6) and w.loop_cpu_n == 3
+    assert w.loader_cpu_s == pytest.approx(0.4) and w.loader_cpu_n == 4 and w.batches == 5
