@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -127,9 +126,3 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             out.append(obj)
     return out
 
-
-def finite(value: float | None) -> float | None:
-    """``value`` if it is a finite number, else None (JSON has no infinities)."""
-    if value is None or not math.isfinite(value):
-        return None
-    return value

@@ -224,7 +224,7 @@ class Sampler:
         return Snapshot(time_s=float(row[0]), **values)
 
     def window(self, start_s: float, end_s: float = math.inf) -> SampleWindow:
-        """A copy of the ticks with ``start_s <= time_s <= end_s`` (monotonic seconds)."""
+        """A copy of the ticks with ``start_s <= time_s <= end_s`` (``time.perf_counter()`` seconds)."""
         with self._lock:
             n = min(self._ticks, self._capacity)
             if n == self._capacity:

@@ -122,13 +122,6 @@ class LoopTimer:
         busy = self._wait_s + self._compute_s
         return self._wait_s / busy if busy > 0 else 0.0
 
-    @property
-    def elapsed_s(self) -> float:
-        """Wall time from the window's first counted request to the last batch."""
-        if self._start is None or self._last_return is None:
-            return 0.0
-        return self._last_return - self._start
-
     def epoch_started(self) -> None:
         """Marks that the next batch is the first of an epoch (its wait is kept apart)."""
         self._epoch_start = True

@@ -257,6 +257,8 @@ class TunedLoader:
         self._pending: LoaderConfig | None = None
         self._last_consumed: Any = None
         self._base_seed_drawn = False
+        # The rebuilt loaders' own generator: they never draw from the user's or the global RNG.
+        self._generator = torch.Generator()
         self._window_deadline = math.inf
         self._window_step = 0
         self._window_opened = (0.0, 0)
@@ -534,7 +536,7 @@ class TunedLoader:
             if not (persistent and self._base_seed_drawn):
                 base = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
                 self._base_seed_drawn = True
-                self._inner_generator().manual_seed(base)
+                self._generator.manual_seed(base)
             self._stream = EpochStream(source_iter)
             if self._inner_loader is None or not self.config.persistent_workers or self.config.num_workers == 0:
                 self._shutdown_inner()
@@ -569,12 +571,6 @@ class TunedLoader:
         self.epoch += 1
 
     # -- rebuilding ----------------------------------------------------------------------------
-    def _inner_generator(self) -> torch.Generator:
-        gen = getattr(self, "_gen", None)
-        if gen is None:
-            gen = self._gen = torch.Generator()
-        return gen
-
     def _build_loader(self, stream: EpochStream | None) -> DataLoader:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
@@ -590,7 +586,7 @@ class TunedLoader:
             "timeout": loader.timeout,
             "worker_init_fn": loader.worker_init_fn,
             "multiprocessing_context": loader.multiprocessing_context,
-            "generator": self._inner_generator(),
+            "generator": self._generator,
         }
         if loader.pin_memory_device:
             kwargs["pin_memory_device"] = loader.pin_memory_device
