@@ -490,6 +490,42 @@ class Controller:
             recommendation=rec,
         )
 
+    def recommend(
+        self, metrics: WindowMetrics, diagnosis: Diagnosis, *, allow_batch_size: bool
+    ) -> Recommendation | None:
+        """Recommend mode's advice for one window: ``plan`` with what this controller learned.
+
+        Nothing changes the configuration; the load time measured without workers is
+        remembered, so later windows (run with the recommended workers) aim from it.
+        """
+        self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
+        return plan(
+            metrics,
+            diagnosis,
+            self.config,
+            self.bounds,
+            allow_batch_size=allow_batch_size,
+            lr_exponent=self.lr_exponent,
+            known_load_s=self.known_load_s,
+        )
+
+    def note_batch_bytes(self, batch_bytes: int) -> None:
+        """Records the bytes of one collated batch: /dev/shm bounds the workers by it."""
+        if self.bounds.batch_bytes != batch_bytes:
+            self.bounds = dataclasses.replace(self.bounds, batch_bytes=batch_bytes)
+
+    def note_fault(self, failed: LoaderConfig, config: LoaderConfig) -> None:
+        """A worker died under ``failed``; ``config`` is what runs now. No more workers than
+        ``failed`` had are tried again."""
+        self.note_external_change(config)
+        if self.ceiling_workers is None or failed.num_workers < self.ceiling_workers:
+            self.ceiling_workers = failed.num_workers
+
+    def note_out_of_memory(self, failed: LoaderConfig, config: LoaderConfig) -> None:
+        """The batch size of ``failed`` ran out of memory; ``config`` is what runs now."""
+        self.note_external_change(config)
+        self.batch_ceiling = config.batch_size
+
     def adopt(self, decision: Decision) -> None:
         """Follows a decision taken elsewhere (rank 0's, under torch.distributed)."""
         self.config = decision.config
