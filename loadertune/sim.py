@@ -4,10 +4,17 @@
 ``step_time_s(b) + host_overhead_s(b)`` seconds, during which the GPU is busy for
 ``step_time_s(b)`` spread evenly through the step, and it reports the utilization NVML would report:
 the busy share of each sample period.
+
+A step lasts from the clock reading before its sleep to the clock reading after it. The OS wakes a
+sleeping thread late, by more on a loaded machine; that delay belongs to the step (the loop was
+inside it), so it lengthens the step as a whole and the step's busy share stays
+``step_time_s / (step_time_s + host_overhead_s)``. Only time outside ``step()`` (the loop waiting
+for data, say) counts as idle. Utilization therefore does not drift with the machine's load.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -48,7 +55,8 @@ class SimulatedGpu:
         total_memory_bytes: Device memory in all. A step whose ``memory_bytes(b)`` exceeds it
             raises ``torch.OutOfMemoryError`` as CUDA would.
         sleep: The function that lets time pass (tests may pass a fake clock's sleep).
-        clock: The monotonic clock read for utilization; must match ``sleep``.
+        clock: The monotonic clock read for utilization; must match ``sleep``. Read before and
+            after each step's sleep, so a late wake-up lengthens the step it happened in.
 
     Example:
         >>> gpu = SimulatedGpu(step_time_s=lambda b: 0.0002 * b, host_overhead_s=0.005)
@@ -77,6 +85,7 @@ class SimulatedGpu:
         self._clock = clock
         self._lock = threading.Lock()
         # (start, end, busy share) of each step; utilization integrates them over a read period.
+        # A step still sleeping has end = inf: a read meanwhile counts it up to the read's end.
         self._intervals: deque[tuple[float, float, float]] = deque(maxlen=_MAX_INTERVALS)
         self._last_read = clock()
         self._mem_used: int | None = None
@@ -104,12 +113,29 @@ class SimulatedGpu:
         busy = max(0.0, float(self._step_time_s(batch_size)))
         idle = max(0.0, float(self._host_overhead_s(batch_size)))
         total = busy + idle
-        start = self._clock()
         if total > 0:
+            share = busy / total
             with self._lock:
-                self._intervals.append((start, start + total, busy / total))
-            self._sleep(total)
+                start = self._clock()
+                self._intervals.append((start, math.inf, share))
+            try:
+                self._sleep(total)
+            finally:
+                # The real end, not start + total: a late wake-up is part of this step, so it
+                # must not read as an idle gap before the next one.
+                with self._lock:
+                    end = self._clock()
+                    self._close_step(start, end, share)
         self.steps += 1
+
+    def _close_step(self, start: float, end: float, share: float) -> None:
+        # Called with the lock held. The open step is the newest unless steps overlap (several
+        # threads stepping one GPU); search from the newest end.
+        for i in range(len(self._intervals) - 1, -1, -1):
+            s, e, sh = self._intervals[i]
+            if s == start and e == math.inf and sh == share:
+                self._intervals[i] = (start, end, share)
+                return
 
     def utilization(self, start: float, end: float) -> float:
         """Busy share of ``[start, end]`` in percent, as NVML would report for that period."""
