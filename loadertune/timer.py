@@ -24,6 +24,10 @@ class LoopWindow:
         wait_s: Time blocked in ``next(loader)``.
         compute_s: Time between batches, outside ``next(loader)`` (the training step).
         interval_sq_sum_s2: Sum of squared batch-to-batch intervals (for the rate's noise).
+        interval_sum_s: Sum of the same intervals (``intervals`` of them). A window that opens
+            fresh (the first, or the first after a warm-up discard) has one interval fewer than
+            batches; a window that continues from the previous one has as many.
+        intervals: Batch-to-batch intervals summed in ``interval_sum_s``.
         loader_cpu_s: CPU time the loading took in the training thread, over the batches timed
             (``num_workers=0`` only; ``loader_cpu_n`` of them).
         loop_cpu_s: CPU time of the training thread between batches, over the gaps timed
@@ -49,6 +53,8 @@ class LoopWindow:
     max_wait_s: float
     epoch_start_wait_s: float
     epoch_starts: int
+    interval_sum_s: float = 0.0
+    intervals: int = 0
 
     @property
     def duration_s(self) -> float:
@@ -57,13 +63,22 @@ class LoopWindow:
 
     @property
     def rate_rel_stderr(self) -> float:
-        """Relative standard error of the measured batch rate (0 when unknown)."""
-        n = self.batches
-        if n < 3 or self.duration_s <= 0:
+        """Relative standard error of the measured batch rate (0 when unknown).
+
+        From the intervals' own sample variance (n-1 in the denominator) around their own mean,
+        so a perfectly regular loop reads ~0 whether the window opened fresh or not. Intervals
+        are treated as independent: bursts (a long wait, then several batches ready at once)
+        make this an over-estimate, slow drift an under-estimate, which is why the controller
+        also looks at the spread between windows.
+        """
+        k = self.intervals
+        if k < 2:
             return 0.0
-        mean = self.duration_s / n
-        var = max(0.0, self.interval_sq_sum_s2 / n - mean * mean)
-        return math.sqrt(var) / mean / math.sqrt(n)
+        mean = self.interval_sum_s / k
+        if mean <= 0:
+            return 0.0
+        var = max(0.0, (self.interval_sq_sum_s2 - k * mean * mean) / (k - 1))
+        return math.sqrt(var / k) / mean
 
 
 class LoopTimer:
@@ -79,6 +94,8 @@ class LoopTimer:
         "_epoch_start_wait_s",
         "_epoch_starts",
         "_gaps",
+        "_interval_sum",
+        "_intervals",
         "_last_return",
         "_loop_cpu_n",
         "_loop_cpu_s",
@@ -102,6 +119,8 @@ class LoopTimer:
         self._wait_s = 0.0
         self._compute_s = 0.0
         self._sq_sum = 0.0
+        self._interval_sum = 0.0
+        self._intervals = 0
         self._cpu_s = 0.0
         self._cpu_n = 0
         self._loop_cpu_s = 0.0
@@ -164,6 +183,8 @@ class LoopTimer:
                 self._loop_cpu_n += 1
             interval = returned_s - last
             self._sq_sum += interval * interval
+            self._interval_sum += interval
+            self._intervals += 1
         self._batches += 1
         self._samples += samples
         self._wait_s += wait
@@ -192,6 +213,8 @@ class LoopTimer:
             max_wait_s=self._max_wait_s,
             epoch_start_wait_s=self._epoch_start_wait_s,
             epoch_starts=self._epoch_starts,
+            interval_sum_s=self._interval_sum,
+            intervals=self._intervals,
         )
         self._reset()
         # The next window starts where this one ended, so no time falls between windows.

@@ -80,3 +80,37 @@ def test_cpu_is_summed_over_the_batches_and_gaps_timed():
     # The first batch has no gap before it in this window, so its loop CPU is not counted.
     assert w.loop_cpu_s == pytest.approx(0.6) and w.loop_cpu_n == 3
     assert w.loader_cpu_s == pytest.approx(0.4) and w.loader_cpu_n == 4 and w.batches == 5
+
+
+def test_regular_loop_reads_no_noise_in_every_window():
+    # Issue 13: a fresh 10-batch window (the first, or the first after a warm-up discard) read
+    # 8-10% relative error for a perfectly regular loop, later windows 0.
+    timer = LoopTimer()
+    t = _run(timer, [0.01] * 10, [0.29] * 10)
+    first = timer.take()
+    t = _run(timer, [0.01] * 10, [0.29] * 10, start=t)
+    later = timer.take()
+    timer.discard(3)
+    _run(timer, [0.01] * 13, [0.29] * 13, start=t)
+    fresh = timer.take()
+    assert (first.intervals, later.intervals, fresh.intervals) == (9, 10, 9)
+    for w in (first, later, fresh):
+        assert w.rate_rel_stderr == pytest.approx(0.0, abs=1e-9)
+
+
+def test_rate_noise_is_unbiased_for_independent_intervals():
+    import numpy as np
+
+    rng = np.random.default_rng(13)
+    cv, n = 0.15, 10
+    timer = LoopTimer()
+    t, estimates, means = 0.0, [], []
+    for _ in range(4000):
+        steps = 0.3 * rng.lognormal(-cv**2 / 2, cv, n)
+        t = _run(timer, [0.0] * n, list(steps), start=t)
+        w = timer.take()
+        estimates.append(w.rate_rel_stderr**2)
+        means.append(w.interval_sum_s / w.intervals)
+    # The mean squared estimate matches the true variance of the window's mean interval.
+    true_rel_var = np.var(means) / np.mean(means) ** 2
+    assert np.mean(estimates) == pytest.approx(true_rel_var, rel=0.1)
