@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
 
@@ -35,37 +34,58 @@ class ScriptedHost:
         return HostReading(cpu_pct=50.0, ram_available_bytes=10, ram_total_bytes=20, usable_cpus=2)
 
 
-def _wait_ticks(sampler, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while sampler.ticks < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"only {sampler.ticks} ticks")
-        time.sleep(0.005)
+class SignallingHost(ScriptedHost):
+    """Counts its reads and lets a test wait for the n-th (an event, not a sleep and a guess)."""
+
+    def __init__(self):
+        self.reads = 0
+        self._cond = threading.Condition()
+
+    def read(self):
+        with self._cond:
+            self.reads += 1
+            self._cond.notify_all()
+        return super().read()
+
+    def wait_reads(self, n, timeout=30.0):
+        """Blocks until ``n`` reads happened; the timeout only bounds a broken sampler."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.reads >= n, timeout), f"only {self.reads} reads"
 
 
 def test_ticks_and_latest_snapshot():
     gpu = ScriptedGpu()
-    with Sampler(interval_s=0.01, gpu=gpu, host=ScriptedHost()) as sampler:
-        assert sampler.latest() is None or sampler.ticks >= 1
-        _wait_ticks(sampler, 5)
+    host = SignallingHost()
+    sampler = Sampler(interval_s=0.01, gpu=gpu, host=host, host_interval_s=0.0)
+    assert sampler.latest() is None and sampler.ticks == 0 and not sampler.running
+    with sampler:
+        host.wait_reads(5)
         snap = sampler.latest()
+        assert sampler.ticks >= 4  # the 5th tick may still be between its reads and its row
         assert snap.gpu_mem_used_bytes == 1000 and snap.gpu_mem_total_bytes == 4000
         assert snap.cpu_pct == 50.0 and snap.ram_available_bytes == 10 and snap.usable_cpus == 2
         assert snap.gpu_process_util_pct is None  # unknown stays None
         thread = sampler._thread
         assert thread.name == "loadertune-sampler" and thread.daemon
-    assert not sampler.running
+    assert not sampler.running and not thread.is_alive()
     assert gpu.closed
 
 
-def test_stop_joins_within_two_intervals():
-    sampler = Sampler(interval_s=0.2, host=None).start()
-    _wait_ticks(sampler, 1)
-    t0 = time.perf_counter()
-    sampler.stop()
-    assert not sampler.running
-    # Event.wait wakes at once on stop; generous bound for a loaded machine.
-    assert time.perf_counter() - t0 < 2 * 0.2 + 0.5
+@pytest.mark.timeout(120)
+def test_stop_wakes_the_thread_instead_of_waiting_out_the_interval():
+    host = SignallingHost()
+    # An hour between ticks: stop() returns only because it wakes the thread (waiting out the
+    # interval would take 2 h, far past any bound below), so nothing here depends on speed.
+    sampler = Sampler(interval_s=3600.0, host=host, host_interval_s=0.0).start()
+    host.wait_reads(1)
+    thread = sampler._thread
+    stopped = threading.Event()
+    stopper = threading.Thread(target=lambda: (sampler.stop(), stopped.set()))
+    stopper.start()
+    assert stopped.wait(60), "stop() waited for the next tick instead of waking the thread"
+    stopper.join()
+    assert not sampler.running and not thread.is_alive()
+    assert sampler.ticks == 1 and host.reads == 1
 
 
 def test_window_returns_the_time_range():
@@ -103,10 +123,16 @@ def test_failing_source_is_disabled_with_one_warning(caplog):
 
 
 def test_thread_keeps_ticking_after_a_source_dies():
-    with Sampler(interval_s=0.01, gpu=ScriptedGpu(fail_after=1), host=None) as sampler:
-        _wait_ticks(sampler, 10)
-        assert sampler.running
-    assert threading.active_count() >= 1
+    host = SignallingHost()
+    gpu = ScriptedGpu(fail_after=1)
+    with Sampler(interval_s=0.01, gpu=gpu, host=host, host_interval_s=0.0) as sampler:
+        host.wait_reads(10)
+        thread = sampler._thread
+        # Ticks 2..10 ran after the GPU failed on its second read: the thread survived it.
+        assert sampler.gpu is None and gpu.reads == 2
+        assert sampler.running and thread.is_alive()
+        assert sampler.latest().cpu_pct == 50.0 and sampler.latest().gpu_util_pct is None
+    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize(
