@@ -20,10 +20,12 @@ from loadertune.metrics import WindowMetrics
 
 __all__ = [
     "Bounds",
+    "Comparison",
     "Controller",
     "Decision",
     "Recommendation",
     "WorkerEstimate",
+    "compare_windows",
     "default_max_workers",
     "estimate_workers",
     "plan",
@@ -33,6 +35,14 @@ __all__ = [
 
 # Aim a little above the estimate: the estimate ignores the IPC cost of each batch.
 _AIM_MARGIN = 1.2
+# Windows' worth of evidence behind the prior between-window spread.
+_PRIOR_DOF = 4
+# A change that could gain this much (from the time the loop waits) shows through any noise.
+_OBVIOUS_GAIN = 0.5
+
+
+def _changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}={a}->{b}" for k, (a, b) in changes.items()) or "nothing"
 
 
 def default_max_workers(usable_cpus: int) -> int:
@@ -96,6 +106,10 @@ class Recommendation:
         lr_factor: Factor for the learning rate when the batch size changes, else None.
         expected_speedup: Estimated samples/s ratio, where the rates allow an estimate.
         changes: ``{setting: (from, to)}``.
+        forced: A limit (RAM budget, memory) demands the change: it is made without a trial
+            and never reverted for throughput.
+        at_least: The loop could use more workers than the cap allows: the advice reads
+            "≥ N" (it is the least that helps, not a count that would be enough).
     """
 
     config: LoaderConfig
@@ -103,10 +117,14 @@ class Recommendation:
     lr_factor: float | None = None
     expected_speedup: float | None = None
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    forced: bool = False
+    at_least: bool = False
 
     def describe(self, lr_rule: str | None = None) -> str:
         """One line: the changes, the expected gain, why, and the learning-rate factor."""
-        changes = ", ".join(f"{k}={a}->{b}" for k, (a, b) in self.changes.items())
+        changes = ", ".join(
+            f"{k}={a}->{'≥' if self.at_least and k == 'num_workers' else ''}{b}" for k, (a, b) in self.changes.items()
+        )
         extra = f" (expected ~{self.expected_speedup:.1f}x samples/s)" if self.expected_speedup else ""
         lr = ""
         if self.lr_factor:
@@ -217,7 +235,9 @@ def plan(
     limit = hard if ceiling_workers is None else min(hard, ceiling_workers - 1)
     # The most any worker change can gain is the time the loop waits.
     potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
+    forced = False
     if estimate is not None and estimate.ram_cap is not None and w > estimate.ram_cap:
+        forced = True
         new = new.replace(num_workers=estimate.ram_cap)
         reason = (
             f"{w} workers of ~{metrics.worker_mem_bytes / 2**20:.0f} MiB each exceed the RAM budget; "
@@ -257,6 +277,7 @@ def plan(
         caps = [c for c in (estimate.ram_cap, estimate.shm_cap) if c is not None] if estimate else []
         target = min([w - 1, *caps])
         new = new.replace(num_workers=max(0, target))
+        forced = True
         reason = "memory is near its limit; fewer workers hold fewer batches in flight"
     elif kind == "batch_headroom" and allow_batch_size and config.batch_size is not None:
         target_bs = _aimed_batch(metrics, config.batch_size, bounds.max_batch_size)
@@ -281,6 +302,7 @@ def plan(
         lr_factor=lr_factor,
         expected_speedup=speedup,
         changes=config.diff(new),
+        forced=forced,
     )
 
 
@@ -346,7 +368,7 @@ def remember_load(
     return known
 
 
-Action = Literal["hold", "change", "keep", "revert", "retune"]
+Action = Literal["hold", "change", "keep", "revert", "retune", "measure"]
 
 
 @dataclass(frozen=True)
@@ -355,7 +377,9 @@ class Decision:
 
     Attributes:
         action: "change" (try a new configuration), "keep" (the change paid), "revert" (it did
-            not; back to ``config``), "hold" (nothing to do), "retune" (drift: explore again).
+            not; back to ``config``), "hold" (nothing to do), "retune" (drift: explore again),
+            "measure" (nothing changes: one more window is needed before deciding; a front end
+            treats it like "hold").
         config: The configuration to run from now on.
         reason: One sentence for the log.
         before_samples_per_s: Rate measured before the change (keep/revert), else the current.
@@ -384,26 +408,145 @@ class Decision:
         }
 
 
+@dataclass(frozen=True)
+class _Sample:
+    """One window's throughput as the keep/revert test uses it."""
+
+    log_rate: float  # log(samples/s): ratios become differences, gains and losses symmetric
+    rate: float  # samples/s, for the log
+    rel_var: float  # the window's own relative variance of the rate (rate_rel_stderr squared)
+    batches: int
+
+
 @dataclass
 class _Trial:
     previous: LoaderConfig
-    before_rate: float
-    before_noise: float
+    before: list[_Sample]
     lr_factor: float | None
+    cheaper: bool
+    after: list[_Sample] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The keep/revert test on before and after windows.
+
+    Attributes:
+        gain: Estimated relative throughput change, after/before - 1.
+        stderr: Standard error of ``log(after/before)`` (about that of ``gain``).
+        bar: The gain the change must beat: ``+tie_band`` for a costlier change, ``-tie_band``
+            for a cheaper one (within the band the cheaper configuration wins).
+        verdict: "keep", "revert", or "undecided" (the difference is within the noise of the
+            bar: measure more).
+        before_windows: Windows behind the "before" figure.
+        after_windows: Windows behind the "after" figure.
+    """
+
+    gain: float
+    stderr: float
+    bar: float
+    verdict: Literal["keep", "revert", "undecided"]
+    before_windows: int
+    after_windows: int
+
+
+def compare_windows(
+    before: list[_Sample],
+    after: list[_Sample],
+    *,
+    cheaper: bool,
+    tie_band: float,
+    between_var: float,
+    z: float,
+) -> Comparison:
+    """Compares the mean log rate of two sets of windows against the bar ``±tie_band``.
+
+    Each side's variance is that of a mean of windows: every window contributes its own
+    measured noise plus ``between_var`` (what moves whole windows: other processes, page
+    cache, thermal), so repeating windows is what shrinks it. A side of one short window is
+    therefore never mistaken for a precise one.
+    """
+    def side(samples: list[_Sample]) -> tuple[float, float]:
+        k = len(samples)
+        mean = sum(x.log_rate for x in samples) / k
+        var = sum(x.rel_var + between_var for x in samples) / (k * k)
+        return mean, var
+
+    mb, vb = side(before)
+    ma, va = side(after)
+    d = ma - mb
+    se = math.sqrt(vb + va)
+    bar = math.log1p(-tie_band) if cheaper else math.log1p(tie_band)
+    verdict: Literal["keep", "revert", "undecided"] = "undecided"
+    if d - bar >= z * se:
+        verdict = "keep"
+    elif d - bar <= -z * se:
+        verdict = "revert"
+    return Comparison(
+        gain=math.expm1(d),
+        stderr=se,
+        bar=math.expm1(bar),
+        verdict=verdict,
+        before_windows=len(before),
+        after_windows=len(after),
+    )
+
+
+def _sample(metrics: WindowMetrics) -> _Sample | None:
+    if metrics.samples_per_s <= 0 or metrics.batches <= 0:
+        return None
+    return _Sample(
+        math.log(metrics.samples_per_s), metrics.samples_per_s, metrics.rate_rel_stderr**2, metrics.batches
+    )
+
+
+def _mean_rate(samples: list[_Sample]) -> float:
+    """Geometric mean of the windows' rates (each window weighs alike, as in the test)."""
+    if not samples:
+        return 0.0
+    if len(samples) == 1:
+        return samples[0].rate
+    return math.exp(sum(x.log_rate for x in samples) / len(samples))
+
+
+def _is_cheaper(old: LoaderConfig, new: LoaderConfig) -> bool:
+    """Whether ``new`` costs no more than ``old``: no more workers, no larger batch or prefetch."""
+    return (
+        new.num_workers <= old.num_workers
+        and (new.batch_size or 0) <= (old.batch_size or 0)
+        and (new.prefetch_factor or 0) * new.num_workers <= (old.prefetch_factor or 0) * old.num_workers
+    )
 
 
 class Controller:
     """Apply-mode control: aimed steps, measured keep-or-revert, hold, and re-tune on drift.
+
+    Keep or revert is a sequential test on equal footing: the windows measured at the old
+    configuration (up to ``max_windows`` since its warm-up) against those at the new one, each
+    window weighted alike and carrying its own noise plus the spread measured between windows.
+    A change is kept when its gain clears ``+tie_band`` (``-tie_band`` for a cheaper one:
+    within the band the cheaper configuration wins) by ``z`` standard errors, reverted when it
+    misses by as much, and otherwise measured for another window, up to ``max_windows``.
+    Before a change whose gain could be small, the old configuration is measured until its
+    mean is about as precise as the test needs.
 
     Args:
         config: The configuration in use at the start.
         bounds: Limits no change crosses.
         allow_batch_size: Whether batch-size changes are allowed.
         lr_exponent: Learning-rate rule as an exponent of the batch ratio.
-        min_gain: Smallest relative throughput gain that keeps a change (default 5%).
+        min_gain: Least relative gain a change must promise (from the time the loop waits)
+            to be tried: twice this (default 5%, so 10%).
         drift_share: Relative drop of throughput, or rise of wait share into the input-bound
             range, that re-opens tuning once converged (default 25%).
         cooldown_s: Least time between two changes.
+        tie_band: Differences within this share count as a tie, which the cheaper
+            configuration wins (default 3%).
+        z: Standard errors a difference must clear to decide (default 1.645: one-sided 95%).
+        max_windows: Most windows a trial measures on each side before deciding on the
+            estimate alone (default 6).
+        window_noise: Prior relative spread between windows at one configuration (default 2%);
+            the spread measured during the run replaces it as evidence accumulates.
     """
 
     def __init__(
@@ -416,7 +559,15 @@ class Controller:
         min_gain: float = 0.05,
         drift_share: float = 0.25,
         cooldown_s: float = 0.0,
+        tie_band: float = 0.03,
+        z: float = 1.645,
+        max_windows: int = 6,
+        window_noise: float = 0.02,
     ) -> None:
+        if not 0.0 <= tie_band < 1.0:
+            raise ValueError(f"tie_band must be in [0, 1), got {tie_band!r}")
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows!r}")
         self.config = config
         self.bounds = bounds
         self.allow_batch_size = allow_batch_size
@@ -424,15 +575,62 @@ class Controller:
         self.min_gain = min_gain
         self.drift_share = drift_share
         self.cooldown_s = cooldown_s
+        self.tie_band = tie_band
+        self.z = z
+        self.max_windows = max_windows
         self.ceiling_workers: int | None = None
         self.batch_ceiling: int | None = None
         self.converged = False
         self._trial: _Trial | None = None
+        self._history: list[_Sample] = []
+        # Pooled spread between windows at one configuration, beyond their own noise: a prior
+        # worth _PRIOR_DOF windows, then what the run shows.
+        self._spread_ss = _PRIOR_DOF * window_noise**2
+        self._spread_dof = float(_PRIOR_DOF)
         self._reference_rate: float | None = None
         self._reference_wait: float | None = None
         self._last_change_s = -math.inf
         self._drift_windows = 0
         self.known_load_s: float | None = None
+        self._advice: Recommendation | None = None
+        self._advice_config: LoaderConfig | None = None
+        self._pending: Recommendation | None = None
+
+    @property
+    def window_noise(self) -> float:
+        """The relative spread between windows at one configuration, as measured so far."""
+        return math.sqrt(self._between_var())
+
+    def _between_var(self) -> float:
+        return max(0.0, self._spread_ss / self._spread_dof)
+
+    def _learn_spread(self, samples: list[_Sample]) -> None:
+        """Adds one configuration's windows to the pooled between-window spread."""
+        k = len(samples)
+        if k < 2:
+            return
+        mean = sum(x.log_rate for x in samples) / k
+        ss = sum((x.log_rate - mean) ** 2 for x in samples)
+        own = sum(x.rel_var for x in samples) / k
+        # What the windows' own noise explains is not spread between windows.
+        self._spread_ss += max(0.0, ss - (k - 1) * own)
+        self._spread_dof += k - 1
+
+    def _remember(self, metrics: WindowMetrics) -> None:
+        sample = _sample(metrics)
+        if sample is not None:
+            self._history.append(sample)
+            del self._history[: -self.max_windows]
+
+    def _close_history(self) -> None:
+        self._learn_spread(self._history)
+        self._history = []
+
+    def _side_stderr(self, samples: list[_Sample]) -> float:
+        k = len(samples)
+        if not k:
+            return math.inf
+        return math.sqrt(sum(x.rel_var + self._between_var() for x in samples)) / k
 
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
@@ -440,6 +638,7 @@ class Controller:
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
         if self._trial is not None:
             return self._judge(metrics, now_s)
+        self._remember(metrics)
         if self.converged and (diagnosis.kind == "memory_bound" or self._over_budget(metrics)):
             # Memory keeps growing after convergence (caches fill): limits are never on hold.
             self.converged = False
@@ -450,6 +649,8 @@ class Controller:
                 self.batch_ceiling = None
                 self._reference_rate = None
                 self.known_load_s = None
+                # The windows before the drift say nothing about the rate after it.
+                self._history = self._history[-1:]
                 return Decision(
                     "retune",
                     self.config,
@@ -478,7 +679,31 @@ class Controller:
         if rec is None:
             self._converge(metrics)
             return Decision("hold", self.config, f"{diagnosis.kind}: nothing to change", before_samples_per_s=rate)
-        self._trial = _Trial(self.config, rate, metrics.rate_rel_stderr, rec.lr_factor)
+        # A change whose gain could be small is judged against a precise "before": measure the
+        # current configuration for more windows first. One that removes most of a long wait
+        # shows through any noise, so it goes at once (the early first look stays early).
+        if rec.forced:
+            self._close_history()
+            self.config = rec.config
+            self._last_change_s = now_s
+            return Decision(
+                "change", rec.config, rec.reason, before_samples_per_s=rate, lr_factor=rec.lr_factor, recommendation=rec
+            )
+        potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
+        se = self._side_stderr(self._history)
+        needed_se = self.tie_band / (2.0 * self.z)
+        if potential < _OBVIOUS_GAIN and se > needed_se and len(self._history) < self.max_windows:
+            return Decision(
+                "measure",
+                self.config,
+                f"measuring {self.config.describe()} again before trying {_changes(rec.changes)} "
+                f"(its rate is known to ±{se:.1%}, the test needs ±{needed_se:.1%})",
+                before_samples_per_s=rate,
+            )
+        self._trial = _Trial(
+            self.config, list(self._history), rec.lr_factor, cheaper=_is_cheaper(self.config, rec.config)
+        )
+        self._history = []
         self.config = rec.config
         self._last_change_s = now_s
         return Decision(
@@ -528,48 +753,84 @@ class Controller:
 
     def adopt(self, decision: Decision) -> None:
         """Follows a decision taken elsewhere (rank 0's, under torch.distributed)."""
+        if decision.config != self.config and self._trial is None:
+            self._close_history()
         self.config = decision.config
 
     def note_external_change(self, config: LoaderConfig) -> None:
         """Tells the controller the configuration changed outside it (reconfigure, a fault)."""
         self.config = config
         self._trial = None
+        self._close_history()
         self.converged = False
         self._reference_rate = None
 
     def _judge(self, metrics: WindowMetrics, now_s: float) -> Decision:
         trial = self._trial
+        assert trial is not None
+        sample = _sample(metrics)
+        if sample is not None:
+            trial.after.append(sample)
+        if not trial.before or not trial.after:
+            if sample is None and len(trial.after) < self.max_windows:
+                return Decision("measure", self.config, "no batches in this window; measuring again")
+            cmp = None
+        else:
+            cmp = compare_windows(
+                trial.before,
+                trial.after,
+                cheaper=trial.cheaper,
+                tie_band=self.tie_band,
+                between_var=self._between_var(),
+                z=self.z,
+            )
+        verdict = "keep" if cmp is None else cmp.verdict
+        before, after = _mean_rate(trial.before), _mean_rate(trial.after)
+        if verdict == "undecided":
+            if len(trial.after) < max(self.max_windows, 1):
+                return Decision(
+                    "measure",
+                    self.config,
+                    f"measuring {self.config.describe()} again: {before:.0f} -> {after:.0f} samples/s "
+                    f"({cmp.gain:+.1%} ± {cmp.stderr:.1%}) is not yet clear of the {cmp.bar:+.0%} bar",
+                    before_samples_per_s=before,
+                    after_samples_per_s=after,
+                )
+            # As measured as it will be: the estimate decides (within the band, the cheaper wins).
+            verdict = "keep" if math.log1p(cmp.gain) > math.log1p(cmp.bar) else "revert"
         self._trial = None
-        before, after = trial.before_rate, metrics.samples_per_s
-        noise = 2.0 * math.hypot(trial.before_noise, metrics.rate_rel_stderr)
-        needed = max(self.min_gain, noise)
-        gain = after / before - 1.0 if before > 0 else math.inf
+        self._learn_spread(trial.before)
         changes = trial.previous.diff(self.config)
-        fewer = "num_workers" in changes and changes["num_workers"][1] < changes["num_workers"][0]
-        # A step down (fewer workers) is kept unless it costs throughput beyond the noise.
-        kept = gain >= -needed if fewer else gain > needed
-        if kept:
+        detail = ""
+        if cmp is not None:
+            detail = (
+                f" ({cmp.gain:+.1%} ± {cmp.stderr:.1%} over {cmp.before_windows}+{cmp.after_windows} "
+                f"windows, bar {cmp.bar:+.0%})"
+            )
+        if verdict == "keep":
+            self._history = list(trial.after)
             return Decision(
                 "keep",
                 self.config,
-                f"kept: {before:.0f} -> {after:.0f} samples/s ({gain:+.0%}, needed {'>=' if fewer else '>'}"
-                f"{-needed if fewer else needed:+.0%})",
+                f"kept {_changes(changes)}: {before:.0f} -> {after:.0f} samples/s{detail}",
                 before_samples_per_s=before,
                 after_samples_per_s=after,
             )
-        if "num_workers" in changes and not fewer:
+        self._learn_spread(trial.after)
+        if "num_workers" in changes and not trial.cheaper:
             self.ceiling_workers = changes["num_workers"][1]
         if "batch_size" in changes:
             self.batch_ceiling = changes["batch_size"][0]
-        tried = self.config
         self.config = trial.previous
+        # The old configuration's windows still describe it (until drift says otherwise).
+        self._history = list(trial.before)
         self._last_change_s = now_s
         self._converge(metrics, rate=before)
+        why = "costs throughput" if trial.cheaper else "does not gain enough"
         return Decision(
             "revert",
             trial.previous,
-            f"reverted {tried.describe()}: {before:.0f} -> {after:.0f} samples/s ({gain:+.0%}) is "
-            f"within the noise (needed {needed:+.0%})",
+            f"reverted {_changes(changes)}: {before:.0f} -> {after:.0f} samples/s {why}{detail}",
             before_samples_per_s=before,
             after_samples_per_s=after,
             lr_factor=(1.0 / trial.lr_factor) if trial.lr_factor else None,

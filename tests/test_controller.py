@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 from _factories import GIB, metrics
 
@@ -120,29 +122,71 @@ def test_change_then_keep_when_throughput_rises():
     assert c.config.num_workers == 8
 
 
+def _decide_until_not_measuring(c, m, now_s, limit=20):
+    """Feeds the same window until the controller stops measuring; returns (decision, windows)."""
+    for i in range(1, limit + 1):
+        d = c.decide(m, diagnose(m, c.config), now_s + i)
+        if d.action != "measure":
+            return d, i
+    raise AssertionError("still measuring")
+
+
 def test_revert_within_noise_sets_a_ceiling_and_converges():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
     c = _controller(cfg)
     m0 = metrics(wait_share=0.3, wait_s_per_batch=0.006, compute_s_per_batch=0.014, batches_per_s=50, samples_per_s=1600, loader_cpu_s_per_batch=0.001)
-    d = c.decide(m0, diagnose(m0, cfg), now_s=0.0)
-    assert d.action == "change" and d.config.num_workers > 4
+    # A gain of at most ~43%: the current configuration is measured to ±1% before trying.
+    d, windows = _decide_until_not_measuring(c, m0, 0.0)
+    assert d.action == "change" and d.config.num_workers > 4 and windows > 1
     tried = d.config.num_workers
     m1 = metrics(samples_per_s=1630.0, wait_share=0.28)
-    r = c.decide(m1, diagnose(m1, c.config), now_s=3.0)
+    # +1.9% for more workers: inside the 3% band, so the cheaper configuration wins.
+    r, _ = _decide_until_not_measuring(c, m1, 100.0)
     assert r.action == "revert" and r.config == cfg
     assert c.ceiling_workers == tried and c.converged
     # Converged: holds even though waiting persists.
-    h = c.decide(m1, diagnose(m1, c.config), now_s=10.0)
+    h = c.decide(m1, diagnose(m1, c.config), now_s=200.0)
     assert h.action == "hold"
 
 
-def test_noise_raises_the_bar_for_keeping():
+def test_a_noisy_window_does_not_decide_but_repeated_ones_do():
     c = _controller(LoaderConfig(num_workers=4, batch_size=32))
     m0 = metrics(wait_share=0.3, wait_s_per_batch=0.006, compute_s_per_batch=0.014, batches_per_s=50, rate_rel_stderr=0.08)
-    c.decide(m0, diagnose(m0, c.config), now_s=0.0)
-    # +12% is above the 5% floor but within 2 x hypot(8%, 8%) = 22.6% of noise.
+    d, _ = _decide_until_not_measuring(c, m0, 0.0)
+    assert d.action == "change"
     m1 = metrics(samples_per_s=1600 * 1.12, rate_rel_stderr=0.08)
-    assert c.decide(m1, diagnose(m1, c.config), now_s=3.0).action == "revert"
+    # +12% measured with 8% noise in one window: another window is needed.
+    assert c.decide(m1, diagnose(m1, c.config), now_s=50.0).action == "measure"
+    k, _ = _decide_until_not_measuring(c, m1, 60.0)
+    assert k.action == "keep" and k.after_samples_per_s == pytest.approx(1792.0)
+
+
+def test_a_cheaper_change_within_the_band_is_kept_and_a_costlier_one_reverted():
+    from loadertune.controller import _Sample, compare_windows
+
+    def side(rate, n=6):
+        return [_Sample(math.log(rate), rate, 1e-6, 100) for _ in range(n)]
+
+    kw = dict(tie_band=0.03, between_var=0.0, z=1.645)
+    # -2% for fewer workers: a tie, the cheaper wins; +2% for more workers: a tie, reverted.
+    assert compare_windows(side(100), side(98), cheaper=True, **kw).verdict == "keep"
+    assert compare_windows(side(100), side(102), cheaper=False, **kw).verdict == "revert"
+    assert compare_windows(side(100), side(105), cheaper=False, **kw).verdict == "keep"
+    assert compare_windows(side(100), side(95), cheaper=True, **kw).verdict == "revert"
+    # One window each with realistic spread between windows: undecided.
+    noisy = dict(kw, between_var=0.03**2)
+    assert compare_windows(side(100, 1), side(105, 1), cheaper=False, **noisy).verdict == "undecided"
+
+
+def test_measured_spread_between_windows_replaces_the_prior():
+    c = _controller(LoaderConfig(num_workers=4, batch_size=32))
+    assert c.window_noise == pytest.approx(0.02)
+    steady = metrics()
+    for i in range(6):
+        c.decide(steady, diagnose(steady, c.config), float(i))
+    c.note_external_change(LoaderConfig(num_workers=3, batch_size=32))
+    # Six identical windows: no spread beyond their own noise, so the estimate shrinks.
+    assert c.window_noise < 0.02
 
 
 def test_drift_reopens_tuning_after_two_slow_windows():
@@ -181,9 +225,9 @@ def test_batch_growth_revert_restores_lr_and_caps_batch():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
     c = _controller(cfg, allow_batch_size=True, lr_exponent=1.0)
     m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
-    d = c.decide(m, diagnose(m, cfg), 0.0)
+    d, _ = _decide_until_not_measuring(c, m, 0.0)
     assert d.action == "change" and d.config.batch_size == 128 and d.lr_factor == 4.0
-    r = c.decide(metrics(samples_per_s=1610.0), diagnose(metrics(), c.config), 3.0)
+    r, _ = _decide_until_not_measuring(c, metrics(samples_per_s=1610.0), 50.0)
     assert r.action == "revert" and r.config.batch_size == 32 and r.lr_factor == 0.25
     assert c.batch_ceiling == 32
 
