@@ -6,7 +6,7 @@ import textwrap
 import uuid
 
 import pytest
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from loadertune.cli import UsageError
 from loadertune.cli.target import load_target, parse_spec
@@ -50,40 +50,62 @@ def module_file(tmp_path):
     return path
 
 
+def _values(dataset):
+    return [int(dataset[i]) for i in range(len(dataset))]
+
+
+SQUARES = [i * i for i in range(10)]
+
+
 def test_a_dataset_in_a_file(module_file):
     target = load_target(f"{module_file}:dataset")
-    assert isinstance(target.dataset, Dataset)
+    assert type(target.dataset).__name__ == "Squares"
+    assert _values(target.dataset) == SQUARES
     assert target.loader is None
+    assert target.spec == f"{module_file}:dataset"
 
 
 def test_a_loader_keeps_the_loader(module_file):
     target = load_target(f"{module_file}:loader")
     assert isinstance(target.loader, DataLoader)
+    assert target.loader.batch_size == 4
     assert target.dataset is target.loader.dataset
+    # The loader's own collate_fn is kept: batches are flat, as the file's lambda makes them.
+    assert next(iter(target.loader)).tolist() == [0, 1, 4, 9]
 
 
 def test_a_factory_is_called(module_file):
     target = load_target(f"{module_file}:make_loader")
-    assert target.loader.batch_size == 2
+    assert isinstance(target.loader, DataLoader) and target.loader.batch_size == 2
+    assert _values(target.dataset) == SQUARES
+    # A fresh loader from the factory, not the module-level one.
+    assert target.loader is not load_target(f"{module_file}:loader").loader
 
 
 def test_a_dataset_class_is_instantiated(module_file):
-    assert isinstance(load_target(f"{module_file}:Squares").dataset, Dataset)
+    target = load_target(f"{module_file}:Squares")
+    assert not isinstance(target.dataset, type)  # an instance, not the class
+    assert _values(target.dataset) == SQUARES
+    assert target.dataset is not load_target(f"{module_file}:dataset").dataset
 
 
 def test_a_dotted_name(module_file):
-    assert isinstance(load_target(f"{module_file}:Holder.inner").dataset, Dataset)
+    a = load_target(f"{module_file}:Holder.inner").dataset
+    b = load_target(f"{module_file}:Holder.inner").dataset
+    assert a is b  # the attribute itself, reached through the class
+    assert _values(a) == SQUARES
 
 
 def test_a_plain_sequence_is_a_map_style_dataset(module_file):
-    assert load_target(f"{module_file}:rows").dataset == [1, 2, 3]
+    target = load_target(f"{module_file}:rows")
+    assert target.dataset == [1, 2, 3] and target.loader is None
 
 
 def test_a_relative_path_and_a_module_name_from_the_current_directory(module_file, monkeypatch):
     monkeypatch.chdir(module_file.parent)
     monkeypatch.syspath_prepend(str(module_file.parent))
-    assert isinstance(load_target(f"{module_file.name}:dataset").dataset, Dataset)
-    assert isinstance(load_target(f"{module_file.stem}:dataset").dataset, Dataset)
+    assert _values(load_target(f"{module_file.name}:dataset").dataset) == SQUARES
+    assert _values(load_target(f"{module_file.stem}:dataset").dataset) == SQUARES
 
 
 def test_loading_the_same_file_twice_reuses_the_module(module_file):
