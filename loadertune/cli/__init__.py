@@ -1,4 +1,4 @@
-"""The ``loadertune`` command line: ``probe``, ``demo`` and ``report``.
+"""The ``loadertune`` command line: ``probe``, ``demo``, ``report`` and ``run``.
 
 Exit status: 0 done; 1 the run failed (an error in the dataset's own code, say); 2 bad input
 (a TARGET that does not import, a bad option, an unreadable log), with one line on stderr saying
@@ -192,7 +192,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="FILE.png", help="plot samples/s over time (needs loadertune[plot])"
     )
     report.set_defaults(module="report")
+    _add_run(sub, common)
     return parser
+
+
+def _add_run(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a training command and watch (or tune) every DataLoader in it, no code change",
+        description=(
+            "Runs COMMAND (python train.py, torchrun ..., accelerate launch ...) with every torch "
+            "DataLoader iterated in its Python processes timed, diagnosed and (--mode apply) tuned "
+            "live; at exit, a report per loader and rank on stderr. The job's output, signals and "
+            "exit status pass through unchanged."
+        ),
+        usage="loadertune run [--mode recommend|apply] [--log-dir DIR] [--json FILE] [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument(
+        "--mode",
+        choices=("recommend", "apply"),
+        default="recommend",
+        help="recommend (default): change nothing, report what to change; apply: tune the "
+        "training loaders live with tune()",
+    )
+    run.add_argument("--log-dir", metavar="DIR", help="keep per-process event logs and reports here")
+    run.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    run.add_argument("--quiet", action="store_true", help="no live lines from the job, only the report")
+    run.add_argument("--window-s", type=_seconds, metavar="S", help="least seconds per window (2)")
+    run.add_argument(
+        "--min-window-batches", type=_positive_int, metavar="N", help="least batches per window (10)"
+    )
+    run.add_argument("--interval-s", type=_seconds, metavar="S", help="sampler period (0.1)")
+    run.add_argument("--max-workers", type=_positive_int, metavar="N", help="cap on workers")
+    run.add_argument(
+        "--ram-budget-share",
+        type=float,
+        metavar="F",
+        help="share of available RAM all workers may use, in (0, 1] (0.5)",
+    )
+    run.add_argument("--gpu", choices=("auto", "none"), default="auto", help="NVML GPU readings")
+    run.add_argument("--no-host", action="store_true", help="no psutil host readings")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command to run")
+    run.set_defaults(module="run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""The directory ``loadertune run`` puts on ``PYTHONPATH``: only ``sitecustomize`` lives here."""
