@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -60,33 +61,88 @@ def _read_until(src: HostSource, ok: object) -> HostReading:
             return reading
 
 
-def test_reading_on_this_machine_is_sane() -> None:
-    src = HostSource()
+#: Whether this kernel has per-task scheduler statistics (the workers' run-queue wait).
+SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+
+CpuTimes = collections.namedtuple("CpuTimes", "user nice system idle iowait")
+
+
+def _scripted_cpus(monkeypatch: pytest.MonkeyPatch, busy: list[float]) -> Callable[[], None]:
+    """Per-CPU times that stand still until ``advance()``, then move by ``busy[i]`` % on CPU i.
+
+    Returns:
+        ``advance``: lets 100 s of CPU time pass on every CPU.
+    """
+    idle = CpuTimes(0.0, 0.0, 0.0, 0.0, 0.0)
+    now = [[idle] * len(busy)]
+
+    def advance() -> None:
+        now[0] = [
+            t._replace(user=t.user + b, idle=t.idle + 100.0 - b)
+            for t, b in zip(now[0], busy, strict=True)
+        ]
+
+    monkeypatch.setattr(host, "_percpu_times", lambda: now[0])
+    return advance
+
+
+def test_reading_on_this_machine_is_sane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU shares scripted (no waiting for clock ticks); the rest is this machine's psutil, and
+    # "/dev/shm" is a directory that exists everywhere.
+    n = os.cpu_count() or 1
+    advance = _scripted_cpus(monkeypatch, [10.0 * (i % 10) for i in range(n)])
+    monkeypatch.setattr(host, "_affinity_cpus", lambda: None)
+    src = HostSource(shm_path=tmp_path)
     src.set_worker_pids([])
-    r = _read_until(src, lambda r: r.cpu_pct is not None)
-    assert r.cpu_pct is not None and 0.0 <= r.cpu_pct <= 100.0
-    assert r.cpu_per_core_pct is not None
-    assert all(0.0 <= c <= 100.0 for c in r.cpu_per_core_pct)
-    if len(psutil.cpu_times(percpu=True)) == os.cpu_count():
-        assert len(r.cpu_per_core_pct) == len(os.sched_getaffinity(0))
+    first = src.read()
+    assert first.cpu_pct is None and first.cpu_per_core_pct is None  # no time passed: not 0.0
+    advance()
+    r = src.read()
+    assert r.cpu_per_core_pct == pytest.approx([10.0 * (i % 10) for i in range(n)])
+    assert r.cpu_pct == pytest.approx(sum(r.cpu_per_core_pct) / n)
     assert r.process_cpu_pct is not None and r.process_cpu_pct >= 0.0
-    assert r.process_rss_bytes is not None and r.process_rss_bytes > 0
+    assert r.process_rss_bytes == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
     assert r.ram_available_bytes is not None and r.ram_available_bytes > 0
     assert r.ram_total_bytes is not None and r.ram_total_bytes >= r.ram_available_bytes
     assert r.swap_used_bytes is not None and r.swap_used_bytes >= 0
-    assert r.usable_cpus is not None and 1 <= r.usable_cpus <= (os.cpu_count() or 1)
+    assert r.usable_cpus is not None and 1 <= r.usable_cpus <= n
     assert r.worker_count == 0 and r.workers_cpu_pct == 0.0 and r.workers_rss_bytes == 0
-    if os.path.isdir("/dev/shm"):
-        assert r.shm_total_bytes is not None and r.shm_total_bytes > 0
-        assert r.shm_free_bytes is not None and 0 <= r.shm_free_bytes <= r.shm_total_bytes
+    st = os.statvfs(tmp_path)
+    assert r.shm_total_bytes == st.f_blocks * st.f_frsize
+    assert r.shm_free_bytes is not None and 0 <= r.shm_free_bytes <= r.shm_total_bytes
     src.close()
 
 
-def test_usable_cpus_and_shm_on_this_machine() -> None:
+def test_per_core_shares_cover_the_affinity_cpus_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    advance = _scripted_cpus(monkeypatch, [90.0, 10.0, 30.0, 50.0])
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(host, "_affinity_cpus", lambda: {1, 3})
+    src = HostSource()
+    src.set_worker_pids([])
+    advance()
+    r = src.read()
+    assert r.cpu_per_core_pct == pytest.approx([10.0, 50.0])
+    assert r.cpu_pct == pytest.approx(30.0)
+
+
+def test_per_core_shares_with_offline_cpus_cover_every_listed_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # psutil lists 2 online CPUs of 4: positions are not CPU ids, so no affinity filter applies.
+    advance = _scripted_cpus(monkeypatch, [20.0, 60.0])
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(host, "_affinity_cpus", lambda: {3})
+    src = HostSource()
+    src.set_worker_pids([])
+    advance()
+    assert src.read().cpu_per_core_pct == pytest.approx([20.0, 60.0])
+
+
+def test_usable_cpus_and_shm_on_this_machine(tmp_path: Path) -> None:
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
-    if os.path.isdir("/dev/shm"):
-        free, total = shm_bytes()  # type: ignore[misc]
-        assert 0 <= free <= total and total > 0
+    free, total = shm_bytes(tmp_path)  # type: ignore[misc]
+    st = os.statvfs(tmp_path)
+    assert total == st.f_blocks * st.f_frsize and 0 <= free <= total
     assert shm_bytes("/no/such/mount") is None
 
 
@@ -104,8 +160,10 @@ def test_workers_are_measured_and_a_dead_one_is_dropped(workers: list) -> None:
     second = _read_until(src, lambda r: True)
     assert second.worker_count == 2
     assert second.workers_cpu_pct is not None and second.workers_cpu_pct >= 0.0
-    if os.path.exists(f"/proc/{workers[0].pid}/schedstat"):
-        assert second.workers_runqueue_pct is not None and second.workers_runqueue_pct >= 0.0
+    # Known exactly where the kernel keeps scheduler statistics; never a made-up 0.0 elsewhere.
+    assert (second.workers_runqueue_pct is not None) is SCHEDSTAT
+    if SCHEDSTAT:
+        assert second.workers_runqueue_pct >= 0.0
     assert src.worker_pids == tuple(sorted(p.pid for p in workers))
 
     workers[0].kill()
@@ -223,13 +281,15 @@ def test_a_failing_metric_is_none_and_warned_once(
 
 
 def test_busy_pct() -> None:
-    t = type(psutil.cpu_times())
-    zero = t(*[0.0] * len(t._fields))
+    zero = CpuTimes(0.0, 0.0, 0.0, 0.0, 0.0)
     later = zero._replace(user=3.0, idle=1.0)
     assert host._busy_pct(zero, later) == pytest.approx(75.0)
     assert host._busy_pct(zero, zero) is None
-    if "iowait" in t._fields:  # waiting on I/O is not busy
-        assert host._busy_pct(zero, zero._replace(iowait=2.0, user=2.0)) == pytest.approx(50.0)
+    # Waiting on I/O is not busy.
+    assert host._busy_pct(zero, zero._replace(iowait=2.0, user=2.0)) == pytest.approx(50.0)
+    # Platforms without iowait (psutil's tuple differs per OS) count idle alone.
+    Plain = collections.namedtuple("Plain", "user system idle")
+    assert host._busy_pct(Plain(0.0, 0.0, 0.0), Plain(1.0, 1.0, 2.0)) == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, "5", True])
