@@ -172,13 +172,13 @@ def _patched_iter(self: Any) -> Any:
         logger.warning("not watching a DataLoader: %s: %s", type(exc).__name__, exc)
         return original(self)
     if obs.tuned is not None:
-        obs.epoch_started(False)
+        obs.epoch_started()
         _state.local.busy = True
         try:
             return iter(obs.tuned)
         finally:
             _state.local.busy = False
-    obs.epoch_started(any(o.epoch_open for o in _state.observations if o is not obs))
+    obs.epoch_started()
     it = original(self)
     try:
         it.__dict__[_MARK] = obs

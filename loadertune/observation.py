@@ -113,7 +113,6 @@ class Observation:
         self.wait_s = 0.0
         self.busy_s = 0.0  # wall time from each epoch's first request to its last batch
         self.grad_off = 0  # batches taken with autograd off (evaluation)
-        self.nested = False  # started while another loader's epoch was under way
         self._epoch_open = False
         self._epoch_start_s: float | None = None
         self._last_s: float | None = None
@@ -125,13 +124,11 @@ class Observation:
         self.window_closed = False
 
     # -- the data path -------------------------------------------------------------------------
-    def epoch_started(self, others_open: bool) -> None:
+    def epoch_started(self) -> None:
         """Called by the patched ``DataLoader.__iter__`` on every new iteration."""
         if self.error is not None or self._closed:
             return
         try:
-            if others_open:
-                self.nested = True
             self._flush_epoch()
             self.epochs += 1
             self._epoch_open = True
@@ -206,11 +203,6 @@ class Observation:
         """The iterator raised StopIteration."""
         self._flush_epoch()
 
-    @property
-    def epoch_open(self) -> bool:
-        """Whether an epoch of this loader is under way."""
-        return self._epoch_open
-
     def fail(self, exc: BaseException) -> None:
         """Stops observing after an internal error; the job carries on, the report says why."""
         if self.error is None:
@@ -257,7 +249,6 @@ class Observation:
             "wait_s": self.wait_s,
             "busy_s": self.busy_s,
             "grad_off_batches": self.grad_off,
-            "nested": self.nested,
             "shuffled": self.shuffled,
             "iterable": self.iterable,
             "config": self.config.to_dict(),

@@ -133,8 +133,8 @@ def classify(loader: dict[str, Any], shuffled_elsewhere: bool = False) -> tuple[
     """Sorts a loader entry into ``"training"``, ``"evaluation"`` or ``"brief"``, with the reason.
 
     Evaluation: most batches taken with autograd off (``torch.no_grad``, inference mode, every
-    framework's validation loop), or iterated inside another loader's epoch, or in order while
-    another loader of the process shuffles. Brief: no measurement window closed.
+    framework's validation loop), or read in order while another loader of the process shuffles
+    (the Hugging Face Trainer's evaluation). Brief: no measurement window closed.
 
     Args:
         loader: The loader's report entry.
@@ -145,8 +145,6 @@ def classify(loader: dict[str, Any], shuffled_elsewhere: bool = False) -> tuple[
         return "evaluation", "iterated with autograd off"
     if loader.get("not_tuned", "") and "autograd off" in (loader.get("not_tuned") or ""):
         return "evaluation", "iterated with autograd off"
-    if loader.get("nested"):
-        return "evaluation", "iterated inside another loader's epoch"
     if loader.get("shuffled") is False and shuffled_elsewhere:
         return "evaluation", "read in order while another loader shuffles"
     if loader.get("metrics") is None:
@@ -196,9 +194,10 @@ def verdict(loader: dict[str, Any]) -> dict[str, Any]:
         "kind": diagnosis.get("kind"),
         "limited_by": diagnosis.get("summary"),
         "advice": list(diagnosis.get("advice") or ()),
-        "samples_per_s": metrics.get("samples_per_s"),
+        "samples_per_s": (loader.get("summary") or {}).get("last_samples_per_s") or metrics.get("samples_per_s"),
         "wait_share": wait,
         "recommendation": None,
+        "reason": None,
         "expected_speedup": None,
         "change": None,
         "lr_note": None,
@@ -210,10 +209,15 @@ def verdict(loader: dict[str, Any]) -> dict[str, Any]:
         # Tuned live: the change to keep is what the tuner settled on.
         out["change"] = code_change(config, final, cls)
         out["recommendation"] = "applied live: " + _changes_text(config, final)
-    if rec:
+        summary = loader.get("summary") or {}
+        first, last = summary.get("first_samples_per_s"), summary.get("last_samples_per_s")
+        if first and last:
+            out["reason"] = f"{first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x) measured"
+    if rec and (rec.get("config") or {}) != final:
         target = rec.get("config") or {}
         out["recommendation"] = _changes_text(final, target)
         out["expected_speedup"] = rec.get("expected_speedup")
+        out["reason"] = rec.get("reason")
         out["change"] = code_change(config, target, cls)
         lr = rec.get("lr_factor")
         if lr and target.get("batch_size") != final.get("batch_size"):
@@ -269,18 +273,21 @@ def report_json(
 
 
 def format_report(document: dict[str, Any]) -> list[str]:
-    """The report as lines of text (without the ``[loadertune]`` mark)."""
+    """The report as lines of text (without the ``[loadertune]`` mark).
+
+    Loaders are grouped by creation site, one block per rank under it: training loaders first,
+    then evaluation loaders and loaders iterated too briefly to measure, apart.
+    """
     loaders = document["loaders"]
     processes = document["processes"]
-    mode = document["mode"]
     lines = [
-        f"report ({mode} mode): {len(loaders)} DataLoader(s) in {len(processes)} process(es)"
-        + _incomplete(processes)
+        f"report ({document['mode']} mode): {len(loaders)} DataLoader(s) in {len(processes)} "
+        f"process(es){_incomplete(processes)}"
     ]
     if not loaders:
         lines.append(
-            "  no DataLoader was iterated (a process started with python -I or -E, or one that "
-            "never imports torch, is not watched)"
+            "  no DataLoader was iterated (processes that never import torch, or started with "
+            "python -I or -E, are not watched)"
         )
         return lines
     groups = (
@@ -294,11 +301,20 @@ def format_report(document: dict[str, Any]) -> list[str]:
             continue
         if title:
             lines.append(title)
-        for item in sorted(chosen, key=lambda x: (x["name"], x["rank"] if x["rank"] is not None else -1)):
-            lines.extend(_loader_lines(item, brief=role != "training"))
+        by_site: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for item in chosen:
+            site = item["loader"]["site"]
+            by_site.setdefault((site["name"], site["path"]), []).append(item)
+        for (name, _path), items in sorted(by_site.items()):
+            items.sort(key=lambda x: x["rank"] if x["rank"] is not None else -1)
+            entry = items[0]["loader"]
+            code = entry["site"].get("code") or ""
+            lines.append(f"{name}: {code}" if code else name)
+            for item in items:
+                lines.extend(_loader_lines(item, brief=role != "training"))
     logs = document.get("log_dir")
     if logs:
-        lines.append(f"event logs: {logs} (try: loadertune report <file>.jsonl)")
+        lines.append(f"event logs: {logs} (read one with: loadertune report FILE.jsonl)")
     return lines
 
 
@@ -306,25 +322,22 @@ def _incomplete(processes: Sequence[dict[str, Any]]) -> str:
     cut = [p for p in processes if not p["complete"]]
     if not cut:
         return ""
-    return f"; {len(cut)} process(es) ended without exiting normally: their last window is shown"
+    return f"; {len(cut)} process(es) ended without a normal exit: their last window is shown"
 
 
 def _loader_lines(item: dict[str, Any], brief: bool) -> list[str]:
     entry = item["loader"]
-    who = f"{item['name']} (rank {item['rank']})" if item["rank"] is not None else item["name"]
-    rate = item.get("samples_per_s")
+    who = f"rank {item['rank']}" if item["rank"] is not None else f"pid {item['pid']}"
     stats = f"{entry['batches']} batches in {entry['epochs']} epoch(s)"
+    rate = item.get("samples_per_s")
     if rate:
         stats += f", {rate:.0f} samples/s"
     if item.get("wait_share") is not None:
         stats += f", waiting {item['wait_share']:.0%} of the time"
-    head = f"  {who} [{entry['class']}, {_config_text(entry['config'])}]: {stats}"
-    if item["role_reason"] and item["role"] != "training":
+    head = f"  {who} [{_config_text(entry['config'])}]: {stats}"
+    if item["role"] != "training" and item["role_reason"]:
         head += f" ({item['role_reason']})"
     lines = [head]
-    code = entry["site"].get("code")
-    if code and not brief:
-        lines.append(f"      {code}")
     if entry.get("error"):
         lines.append(f"    not measured to the end: {entry['error']}")
     if entry.get("not_tuned") and entry.get("mode") == "recommend":
@@ -341,9 +354,11 @@ def _loader_lines(item: dict[str, Any], brief: bool) -> list[str]:
     if item["recommendation"]:
         gain = item.get("expected_speedup")
         extra = f" (expected ~{gain:.1f}x samples/s)" if gain else ""
-        lines.append(f"    recommendation: {item['recommendation']}{extra}")
+        why = f": {item['reason']}" if item.get("reason") else ""
+        lines.append(f"    recommendation: {item['recommendation']}{extra}{why}")
     if item["change"]:
-        lines.append(f"    change in {item['name']}: {item['change']}")
+        lead = "to keep it without loadertune" if entry.get("mode") == "apply" else "change the code"
+        lines.append(f"    {lead}: {item['change']}")
     if item.get("lr_note"):
         lines.append(f"    and {item['lr_note']}")
     for advice in item.get("advice") or ():
