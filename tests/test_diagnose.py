@@ -120,3 +120,19 @@ def test_busy_cores_do_not_make_an_io_bound_load_cpu_bound():
     assert d.kind == "data_starved" and d.evidence["loader_cpu_share"] == pytest.approx(0.05)
     cpu = metrics(wait_share=0.6, wait_s_per_batch=0.1, cpu_pct=99.0, usable_cpus=2, loader_cpu_s_per_batch=0.09)
     assert diagnose(cpu, LoaderConfig(num_workers=0, batch_size=32)).kind == "cpu_bound"
+
+
+def test_thresholds_move_the_cut_points_and_show_in_the_evidence():
+    # 8% waiting: input-bound by the profilers' 5% cut, not by a user's 10%, and "highly" so
+    # once the high cut drops to 7%.
+    window = metrics(wait_share=0.08)
+    assert diagnose(window, CFG).kind == "data_starved"
+    lenient = diagnose(window, CFG, thresholds=Thresholds(wait_share_starved=0.10))
+    assert lenient.kind == "balanced"
+    assert lenient.evidence["wait_share_starved"] == 0.10
+    strict = diagnose(window, CFG, thresholds=Thresholds(wait_share_high=0.07))
+    assert strict.kind == "data_starved" and "highly" in strict.summary
+    # The CPU saturation cut decides between "more workers" and "CPU-bound".
+    busy = metrics(wait_share=0.5, cpu_pct=85.0, usable_cpus=2)
+    assert diagnose(busy, CFG).kind == "data_starved"
+    assert diagnose(busy, CFG, thresholds=Thresholds(cpu_saturated_pct=80.0)).kind == "cpu_bound"
