@@ -263,7 +263,8 @@ def accumulation_plan(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     # Exact arithmetic: 0.1 * 30 must not pass for 3 by a rounding accident, nor fail by one.
-    exact = Fraction(_check_positive(factor, "factor"))
+    checked = _check_positive(factor, "factor")
+    exact = factor if isinstance(factor, Fraction) else Fraction(checked)
     new_micro = micro_batch * exact
     new_steps = accumulation_steps / exact
     if new_micro.denominator != 1 or new_steps.denominator != 1 or new_steps < 1:

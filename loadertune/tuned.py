@@ -9,56 +9,34 @@ per window.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import re
 import time
-import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from loadertune.config import LoaderConfig, check_seconds
-from loadertune.controller import (
-    Bounds,
-    Controller,
-    Decision,
-    Recommendation,
-    plan,
-    remember_load,
-    same_recommendation,
-)
-from loadertune.diagnose import Diagnosis, Environment, diagnose
+from loadertune.config import LoaderConfig
+from loadertune.controller import Decision, Recommendation
+from loadertune.diagnose import Diagnosis
 from loadertune.errors import ReconfigureError
-from loadertune.events import Event, EventLog
-from loadertune.metrics import WindowMetrics, compute_metrics
-from loadertune.resources import node_bounds, resolve_gpu
+from loadertune.events import Event
+from loadertune.faults import WORKER_DIED, worker_death
+from loadertune.metrics import WindowMetrics
+from loadertune.options import MODES, Mode, TuneOptions
+from loadertune.pipeline import LoaderPipeline, stream_kind
 from loadertune.sampler import Sampler
-from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler, requeue_issued
-from loadertune.timer import LoopTimer
+from loadertune.follower import BatchFollower
+from loadertune.session import TuningSession, close_at_exit
 
 __all__ = ["MODES", "Mode", "TunedLoader", "tune"]
 
 logger = logging.getLogger("loadertune")
 
-Mode = Literal["recommend", "apply"]
-#: The modes ``tune`` accepts.
-MODES: tuple[Mode, ...] = ("recommend", "apply")
-
-_LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
-_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
-_DEATH_WAIT_S = 2.0
+# Reading the thread clock costs ~2 us here, so one batch in this many is timed.
 _CPU_EVERY = 8
-# A window may close this early when the loop waits at least this share of its time.
-_EARLY_WINDOW_S = 0.5
-_EARLY_WINDOW_BATCHES = 4
-_EARLY_WAIT_SHARE = 0.5
-_TORCH_WORKER_WARNING = "This DataLoader will create"
 
 
 def tune(
@@ -131,6 +109,7 @@ def tune(
     """
     return TunedLoader(
         loader,
+        TuneOptions(
         mode=mode,
         gpu=gpu,
         log_file=log_file,
@@ -151,6 +130,7 @@ def tune(
         host=host,
         sinks=sinks,
         dist_timeout_s=dist_timeout_s,
+        ),
     )
 
 
@@ -160,9 +140,17 @@ class TunedLoader:
     Build it with :func:`tune`. Iterate it like the DataLoader it wraps. Attributes worth
     reading: ``config`` (in use), ``diagnosis`` (latest), ``recommendation`` (what to move to,
     or None), ``metrics`` (latest window), ``events``, ``accumulation_steps``.
+
+    It is a thin front end: the loader pipeline (:mod:`loadertune.pipeline`) serves the batches,
+    the tuning session (:mod:`loadertune.session`) measures and decides, the batch follower
+    (:mod:`loadertune.follower`) keeps the learning rate in step with the batch size.
     """
 
-    def __init__(self, loader: DataLoader, **options: Any) -> None:
+    def __init__(self, loader: DataLoader, options: TuneOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = TuneOptions(**kwargs)
+        elif kwargs:
+            raise ValueError("pass either a TuneOptions or keyword options, not both")
         if not isinstance(loader, DataLoader):
             raise ValueError(
                 f"tune() takes a torch.utils.data.DataLoader, got {type(loader).__name__}; "
@@ -175,119 +163,49 @@ class TunedLoader:
                 "replaces. Call tune() on the plain DataLoader (with a DistributedSampler) before "
                 "accelerator.prepare(); see docs/distributed.md"
             )
-        mode = options["mode"]
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        check_seconds("window_s", options["window_s"])
-        check_seconds("interval_s", options["interval_s"])
-        mwb = options["min_window_batches"]
-        if not isinstance(mwb, int) or mwb < 2:
-            raise ValueError(f"min_window_batches must be an int >= 2, got {mwb!r}")
-        share = options["ram_budget_share"]
-        if not isinstance(share, (int, float)) or not 0 < share <= 1:
-            raise ValueError(f"ram_budget_share must be in (0, 1], got {share!r}")
-        self.loader = loader
-        self.mode: Mode = mode
-        self.window_s = float(options["window_s"])
-        self.min_window_batches = mwb
-        self._iterable = isinstance(loader.dataset, IterableDataset)
-        self._kind = _stream_kind(loader)
-        self.config = LoaderConfig.from_loader(loader)
-        # A BatchSampler passed in (batch_size=None on the loader) holds the batch settings.
-        self._drop_last = loader.batch_sampler.drop_last if self._kind == "batch" else loader.drop_last
-        if self._kind == "batch" and self.config.batch_size is None:
-            self.config = self.config.replace(batch_size=loader.batch_sampler.batch_size)
-        self._initial_config = self.config
-        self.allow_batch_size = bool(options["allow_batch_size"])
-        self._optimizer = options["optimizer"]
-        self._scheduler = options["scheduler"]
-        self._lr_rule, self._lr_exponent = self._resolve_lr(options["lr_rule"])
-        self._accumulation = _check_accumulation(options["accumulation_steps"])
-        self._accumulation_planned = self._accumulation
-        warmup = options["lr_warmup_steps"]
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-            raise ValueError(f"lr_warmup_steps must be an int >= 0, got {warmup!r}")
-        self._lr_warmup_steps = warmup
-        self._warmup: Any = None
-        self._keep_schedule_length = bool(options["keep_schedule_length"])
-        if self._keep_schedule_length and self._scheduler is None:
-            raise ValueError("keep_schedule_length=True needs the scheduler=: pass the scheduler to rescale")
-        self._seed = options["seed"]
-        self._dataset = self._seeded_dataset(loader.dataset, self._seed)
-        self._model = options["model"]
-        if options["max_workers"] is not None and (not isinstance(options["max_workers"], int) or options["max_workers"] < 1):
-            raise ValueError(f"max_workers must be an int >= 1, got {options['max_workers']!r}")
-        if self.allow_batch_size and self._kind != "batch":
+        kind = stream_kind(loader)
+        config = LoaderConfig.from_loader(loader)
+        if kind == "sampler" and config.batch_size is None:
+            config = config.replace(batch_size=loader.batch_sampler.batch_size)
+        if options.allow_batch_size and kind != "sampler":
             raise ValueError(
                 "allow_batch_size=True needs a DataLoader built with batch_size= on a map-style "
                 "dataset; this one has "
-                + ("an IterableDataset" if self._iterable else "a custom batch_sampler or batch_size=None")
+                + ("an IterableDataset" if kind == "iterable" else "a custom batch_sampler or batch_size=None")
                 + ", whose batches loadertune cannot re-cut"
             )
-
-        self._collective = _make_collective(options["dist_timeout_s"])
-        self.events_log = EventLog(options["log_file"], sinks=tuple(options["sinks"]))
-        self._sampler = Sampler(options["interval_s"], gpu=resolve_gpu(options["gpu"]), host=options["host"])
-        local = self._collective.local_world_size if self._collective is not None else 1
-        self._bounds = node_bounds(options["max_workers"], share, local)
-        self._environment = self._make_environment()
-        self._controller = Controller(
-            self.config,
-            self._bounds,
-            allow_batch_size=self.allow_batch_size,
-            lr_exponent=self._lr_exponent,
-            cooldown_s=self.window_s,
-        )
-        self._timer = LoopTimer()
-        self.diagnosis: Diagnosis | None = None
-        self.recommendation: Recommendation | None = None
-        self.metrics: WindowMetrics | None = None
+        self._iterable = kind == "iterable"
+        dataset = self._seeded_dataset(loader.dataset, options.seed)
+        self.loader = loader
+        self.options = options
+        self.mode: Mode = options.mode
+        self.window_s = options.window_s
+        self.min_window_batches = options.min_window_batches
+        self.allow_batch_size = options.allow_batch_size
         self.step = 0
         self.epoch = 0
         self._epochs_started = 0
-        self._inner_loader: DataLoader | None = None
-        self._inner_it: Iterator[Any] | None = None
-        self._stream: EpochStream | None = None
-        # The old loader handing over its in-flight batches after a worker change, if any.
-        self._drain: _Drain | None = None
-        # What __next__ reads: the draining loader's iterator and issued batches, else the
-        # current loader's (kept in two attributes so the per-batch path does no lookups).
-        self._src_it: Iterator[Any] | None = None
-        self._src_issued: deque[Any] | None = None
-        self._pending: LoaderConfig | None = None
-        self._last_consumed: Any = None
-        self._base_seed_drawn = False
-        # The rebuilt loaders' own generator: they never draw from the user's or the global RNG.
-        self._generator = torch.Generator()
-        self._window_deadline = math.inf
-        self._window_step = 0
-        self._window_opened = (0.0, 0)
-        self._dist_window_steps = max(4 * mwb, 40)
-        self._logged_rec: LoaderConfig | None = None
-        self._batch_bytes: int | None = None
-        self._batch_increase: tuple[LoaderConfig, float | None] | None = None
-        self._rebuilds = 0
         self._closed = False
-        self._first_rate: float | None = None
-        self._known_load_s: float | None = None
         self._cpu_mark = 0.0
         self._cpu_phase = 0
-        # What follows a batch-size change (learning rate, accumulation steps), held until the
-        # first batch of the new size reaches the loop.
-        self._batch_actions: list[Callable[[], None]] = []
-        self._epoch_actions: list[Callable[[], None]] = []
-        self._actions_step = 0
-        self._sampler.start()
-        self.events_log.emit(
-            "start",
-            0,
-            0,
-            mode=mode,
-            config=self.config.to_dict(),
-            gpu=getattr(self._sampler.gpu, "name", None),
-            usable_cpus=self._bounds.usable_cpus,
-            lr_rule=self._lr_rule,
+        self.config = config
+        self._initial_config = config
+        self._pipeline = LoaderPipeline(loader, dataset=dataset, config=config, key=self._key_fn(options.seed))
+        self._session = session = TuningSession(
+            options, config, batch_resizable=kind == "sampler", optimizer=options.optimizer
         )
+        # The per-batch path reads these directly.
+        self._timer = session.timer
+        self._schedule = session.schedule
+        self._follower = BatchFollower(
+            optimizer=options.optimizer,
+            scheduler=options.scheduler,
+            lr_exponent=session.lr_exponent,
+            warmup_steps=options.lr_warmup_steps,
+            keep_schedule_length=options.keep_schedule_length,
+            accumulation_steps=options.accumulation_steps,
+        )
+        close_at_exit(self)
 
     @property
     def config(self) -> LoaderConfig:
@@ -297,86 +215,83 @@ class TunedLoader:
     @config.setter
     def config(self, value: LoaderConfig) -> None:
         self._config = value
+        # Without workers loading runs in the training thread, whose CPU clock then tells
+        # loading CPU work from waiting.
         self._inline = value.num_workers == 0 and not self._iterable
 
     # -- the DataLoader interface ------------------------------------------------------------
     def __iter__(self) -> TunedLoader:
         if self._closed:
             raise RuntimeError("this TunedLoader is closed; call tune() again on the DataLoader")
-        if self._src_it is not None and self._stream is not None:
-            # The previous epoch was left early: its in-flight batches are simply dropped, as a
-            # fresh DataLoader iterator would drop them.
-            self._discard_epoch()
-        if self._pending is not None:
-            self._set_config(self._pending)
-            self._pending = None
-            self._batch_actions.extend(self._epoch_actions)
-            self._epoch_actions = []
-            self._actions_step = self.step
-        self._start_epoch()
+        pipeline = self._pipeline
+        if pipeline.src_it is not None and pipeline.in_epoch:
+            self.epoch += 1  # the previous epoch was left early
+        if pipeline.start_epoch():
+            self.config = pipeline.config
+            self._follower.epoch_started(self.step)
+        self._epochs_started += 1
+        self._note_workers()
+        self._session.epoch_started(step=self.step)
         return self
 
     def __next__(self) -> Any:
-        it = self._src_it
-        if it is None:
-            raise StopIteration
-        # Without workers loading runs in this thread: its CPU time tells CPU work from
-        # waiting, and the thread's CPU between batches is the loop's own (other threads of the
-        # process, such as progress bars, must not count); with workers the host source reads.
-        # Reading the thread clock costs ~2 us here, so one batch in _CPU_EVERY is timed (its
-        # time in next(), and the loop's gap after it); the metrics average what was timed.
-        phase = self._cpu_phase if self._inline else -1
-        cpu = loop_cpu = -1.0
-        if phase == 0:
-            cpu = time.thread_time()
-        elif phase == 1:
-            loop_cpu = time.thread_time() - self._cpu_mark
-        requested = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            if self._drain is not None:
-                # The old loader has handed over all it had in flight: on to the new one.
-                self._finish_drain()
-                return self.__next__()
-            self._end_epoch()
-            raise
-        except Exception as exc:
-            return self._after_failure(it, exc)
+        pipeline = self._pipeline
+        while True:
+            it = pipeline.src_it
+            if it is None:
+                raise StopIteration
+            # Without workers the training thread's CPU time tells loading work from waiting;
+            # one batch in _CPU_EVERY is timed (its time in next(), and the loop's gap after it).
+            phase = self._cpu_phase if self._inline else -1
+            cpu = loop_cpu = -1.0
+            if phase == 0:
+                cpu = time.thread_time()
+            elif phase == 1:
+                loop_cpu = time.thread_time() - self._cpu_mark
+            requested = time.perf_counter()
+            try:
+                batch = next(it)
+                break
+            except StopIteration:
+                if pipeline.finish_drain():
+                    # The old loader has handed over all it had in flight: on to the new one.
+                    self._note_workers()
+                    continue
+                self._end_epoch()
+                raise
+            except Exception as exc:
+                self._after_failure(it, exc)
         returned = time.perf_counter()
         if phase >= 0:
             if phase == 0:
                 self._cpu_mark = time.thread_time()
                 cpu = self._cpu_mark - cpu
             self._cpu_phase = (phase + 1) % _CPU_EVERY
-        issued = self._src_issued
-        if issued:
-            consumed = issued.popleft()
-            self._last_consumed = consumed
-            n = len(consumed) if self._kind != "single" else 1
-        else:
-            n = self.config.batch_size or 1
-        self.step += 1
+        n = pipeline.delivered() or self._config.batch_size or 1
+        self.step = step = self.step + 1
         self._timer.record(requested, returned, n, cpu, loop_cpu)
-        if returned >= self._window_deadline and self.step >= self._window_step:
-            self._on_window(batch)
-        elif self._batch_bytes is None:
-            self._batch_bytes = _nbytes(batch)
-        if self._batch_actions and self.step > self._actions_step:
+        schedule = self._schedule
+        if returned >= schedule.deadline_s and step >= schedule.step:
+            self._on_window(returned, batch)
+        elif self._session.batch_bytes is None:
+            self._session.note_batch(batch)
+        follower = self._follower
+        if follower.pending and step > follower.due_after_step:
             # The first batch of a new size: the learning rate follows it now.
-            self._run_batch_actions()
+            follower.run_due()
         return batch
 
     def __len__(self) -> int:
-        if self._kind != "batch" or self.config.batch_size == self.loader.batch_size:
+        pipeline = self._pipeline
+        if pipeline.kind != "sampler" or self.config.batch_size == self.loader.batch_size:
             return len(self.loader)
         n = len(self.loader.batch_sampler.sampler)
         bs = self.config.batch_size
-        return n // bs if self._drop_last else math.ceil(n / bs)
+        return n // bs if pipeline.drop_last else math.ceil(n / bs)
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch number and passes it to the sampler (``DistributedSampler.set_epoch``)."""
-        if not isinstance(epoch, int) or epoch < 0:
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.epoch = epoch
         for s in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None), self.loader.batch_sampler):
@@ -403,27 +318,47 @@ class TunedLoader:
     @property
     def pending_config(self) -> LoaderConfig | None:
         """A change waiting for the next epoch (IterableDataset loaders), else None."""
-        return self._pending
+        return self._pipeline.pending
 
     @property
     def accumulation_steps(self) -> int | None:
         """Micro-batches per optimizer step the loop should accumulate now (None if not used)."""
-        return self._accumulation
+        return self._follower.accumulation_steps
+
+    @property
+    def metrics(self) -> WindowMetrics | None:
+        """The latest window's metrics, None before the first window closes."""
+        return self._session.metrics
+
+    @property
+    def diagnosis(self) -> Diagnosis | None:
+        """The latest diagnosis."""
+        return self._session.diagnosis
+
+    @property
+    def recommendation(self) -> Recommendation | None:
+        """What to move to, or None (the latest window's)."""
+        return self._session.recommendation
 
     @property
     def events(self) -> list[Event]:
         """The events so far (the most recent 10,000)."""
-        return list(self.events_log.events)
+        return self._session.events
+
+    @property
+    def events_log(self) -> Any:
+        """The :class:`~loadertune.events.EventLog` of this run."""
+        return self._session.events_log
 
     @property
     def sampler_thread(self) -> Sampler:
         """The :class:`~loadertune.sampler.Sampler` watching this run."""
-        return self._sampler
+        return self._session.sampler
 
     @property
     def rebuilds(self) -> int:
         """Loaders built after the first (changes and fault recoveries)."""
-        return self._rebuilds
+        return self._pipeline.rebuilds
 
     def __getattr__(self, name: str) -> Any:
         # Anything else (sampler, collate_fn, drop_last, generator...) is the wrapped loader's.
@@ -438,18 +373,22 @@ class TunedLoader:
         self.close()
 
     def close(self) -> None:
-        """Shuts down workers and the sampler, logs a summary and closes the event log."""
+        """Shuts down workers and the sampler, logs a summary and closes the event log.
+
+        Called at interpreter exit for a loader still open then, so a script that never calls
+        it still gets its summary and a complete event log.
+        """
         if self._closed:
             return
         self._closed = True
-        self._shutdown_inner()
-        self._sampler.close()
-        if self._collective is not None:
-            self._collective.close()
-        summary = self._summary()
-        logger.info("%s", summary["text"])
-        self.events_log.emit("summary", self.step, self.epoch, **summary)
-        self.events_log.close()
+        self._pipeline.shutdown()
+        self._session.close(
+            step=self.step,
+            epoch=self.epoch,
+            epochs=self._epochs_started,
+            config=self.config,
+            rebuilds=self._pipeline.rebuilds,
+        )
 
     # -- changes -------------------------------------------------------------------------------
     def reconfigure(self, **changes: Any) -> LoaderConfig:
@@ -468,20 +407,28 @@ class TunedLoader:
         """
         if self._closed:
             raise ReconfigureError("this TunedLoader is closed")
-        new = self.config.replace(**changes)
+        for name in ("pin_memory", "persistent_workers"):
+            if name in changes and not isinstance(changes[name], bool):
+                raise ReconfigureError(f"{name} must be True or False, got {changes[name]!r}")
+        try:
+            new = self.config.replace(**changes)
+        except ValueError as exc:
+            raise ReconfigureError(str(exc)) from None
+        kind = self._pipeline.kind
         if "batch_size" in changes and new.batch_size != self.config.batch_size:
-            if self._kind == "batches":
+            if kind == "batch_sampler":
                 raise ReconfigureError(
                     "this loader uses its own batch_sampler, which decides the batches; "
                     "loadertune cannot change its batch size (change num_workers etc. only)"
                 )
-            if self._kind == "single":
+            if kind == "samples":
                 raise ReconfigureError("this loader has automatic batching off (batch_size=None)")
         factor = None
         if new.batch_size != self.config.batch_size and new.batch_size and self.config.batch_size:
-            factor = (new.batch_size / self.config.batch_size) ** self._lr_exponent
-        self._change(new, "reconfigure", f"reconfigure({', '.join(f'{k}={v!r}' for k, v in changes.items())})", lr_factor=factor)
-        self._controller.note_external_change(self.config)
+            factor = (new.batch_size / self.config.batch_size) ** self._session.lr_exponent
+        described = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        self._change(new, "reconfigure", f"reconfigure({described})", lr_factor=factor)
+        self._session.controller.note_external_change(self.config)
         return self.config
 
     @contextlib.contextmanager
@@ -495,328 +442,126 @@ class TunedLoader:
         try:
             yield
         except torch.OutOfMemoryError:
-            if self._batch_increase is None or self._last_consumed is None:
+            follower, pipeline = self._follower, self._pipeline
+            failed = pipeline.last_delivered
+            if follower.last_increase is None or failed is None:
                 raise
-            previous, factor = self._batch_increase
-            self._batch_increase = None
+            previous, factor = follower.last_increase
+            follower.last_increase = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            failed = self._last_consumed
-            self._last_consumed = None
-            self._stream_requeue_front(failed)
+            pipeline.last_delivered = None
+            pipeline.requeue_front(failed)
+            before = self.config
             bs = previous.batch_size
-            self._controller.batch_ceiling = self.config.batch_size
             self._change(
-                self.config.replace(batch_size=bs),
+                before.replace(batch_size=bs),
                 "fault",
-                f"out of memory at batch size {self.config.batch_size}: back to {bs}, the failed "
+                f"out of memory at batch size {before.batch_size}: back to {bs}, the failed "
                 f"batch's {len(failed)} samples will come again",
                 lr_factor=(1.0 / factor) if factor else None,
             )
-            self._controller.note_external_change(self.config)
-
-    # -- epochs --------------------------------------------------------------------------------
-    def _start_epoch(self) -> None:
-        loader = self.loader
-        self._epochs_started += 1
-        if self._iterable:
-            self._stream = None
-            if self._inner_loader is None:
-                self._inner_loader = self._build_loader(None)
-            self._inner_it = _iterate(self._inner_loader)
-            self._point()
-        else:
-            source = loader.batch_sampler if self._kind == "batches" else (
-                loader.batch_sampler.sampler if self._kind == "batch" else loader.sampler
-            )
-            # Create the sampler's iterator first, then draw the base seed: the order in which a
-            # plain DataLoader consumes its RNG, so this epoch's and later epochs' orders match it.
-            source_iter = iter(source)
-            persistent = self._initial_config.persistent_workers and self._initial_config.num_workers > 0
-            if not (persistent and self._base_seed_drawn):
-                base = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
-                self._base_seed_drawn = True
-                self._generator.manual_seed(base)
-            self._stream = EpochStream(source_iter)
-            if self._inner_loader is None or not self.config.persistent_workers or self.config.num_workers == 0:
-                self._shutdown_inner()
-                self._inner_loader = self._build_loader(self._stream)
-            else:
-                sampler = self._inner_sampler()
-                sampler.stream = self._stream
-                sampler.issued.clear()
-            self._inner_it = _iterate(self._inner_loader)
-            self._point()
-        self._note_workers()
-        self._timer.epoch_started()
-        if self._window_deadline == math.inf:
-            self._open_window()
-
-    def _end_epoch(self) -> None:
-        if not self.config.persistent_workers:
-            self._inner_it = None
-        self._stream = None
-        self._src_it = self._src_issued = None
-        self.epoch += 1
-
-    def _discard_epoch(self) -> None:
-        self._shutdown_drain()
-        if self.config.persistent_workers and self.config.num_workers > 0 and self._inner_loader is not None:
-            # torch's _reset drains a persistent iterator's in-flight batches itself.
-            self._inner_sampler().issued.clear()
-        else:
-            self._shutdown_inner()
-        self._stream = None
-        self._src_it = self._src_issued = None
-        self.epoch += 1
-
-    # -- rebuilding ----------------------------------------------------------------------------
-    def _build_loader(self, stream: EpochStream | None) -> DataLoader:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
-            return self._new_loader(stream)
-
-    def _new_loader(self, stream: EpochStream | None) -> DataLoader:
-        c = self.config
-        loader = self.loader
-        kwargs: dict[str, Any] = {
-            "num_workers": c.num_workers,
-            "pin_memory": c.pin_memory,
-            "collate_fn": loader.collate_fn,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "multiprocessing_context": loader.multiprocessing_context,
-            "generator": self._generator,
-        }
-        if loader.pin_memory_device:
-            kwargs["pin_memory_device"] = loader.pin_memory_device
-        if c.num_workers > 0:
-            kwargs["prefetch_factor"] = c.prefetch_factor
-            kwargs["persistent_workers"] = c.persistent_workers
-        key = self._key_fn()
-        if stream is None:  # IterableDataset: its own order; changes take effect per epoch
-            return DataLoader(self._dataset, batch_size=c.batch_size, drop_last=self._drop_last, **kwargs)
-        if self._kind == "batch":
-            return DataLoader(
-                self._dataset,
-                batch_sampler=StreamBatchSampler(stream, c.batch_size, self._drop_last, key),
-                **kwargs,
-            )
-        if self._kind == "batches":
-            return DataLoader(self._dataset, batch_sampler=StreamSampler(stream, key), **kwargs)
-        return DataLoader(self._dataset, batch_size=None, sampler=StreamSampler(stream, key), **kwargs)
-
-    def _shutdown_inner(self) -> None:
-        self._shutdown_drain()
-        _shutdown(self._inner_loader, self._inner_it)
-        self._inner_it = None
-        self._inner_loader = None
-        self._src_it = self._src_issued = None
-
-    def _shutdown_drain(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None:
-            _shutdown(drain.loader, drain.it)
-
-    def _finish_drain(self) -> None:
-        self._shutdown_drain()
-        self._point()
-        self._note_workers()
-
-    def _point(self) -> None:
-        """Points the per-batch path at the draining loader, else at the current one."""
-        if self._drain is not None:
-            self._src_it, self._src_issued = self._drain.it, self._drain.issued
-        else:
-            self._src_it = self._inner_it
-            self._src_issued = None if self._stream is None or self._inner_loader is None else self._inner_sampler().issued
-
-    def _inner_sampler(self) -> Any:
-        inner = self._inner_loader
-        return inner.sampler if self._kind == "single" else inner.batch_sampler
-
-    def _issued_lists(self) -> list[deque[Any]]:
-        """Issued-but-unconsumed batches of every live loader, oldest loader first."""
-        out = []
-        if self._drain is not None:
-            out.append(self._drain.issued)
-        if self._inner_loader is not None and self._stream is not None:
-            out.append(self._inner_sampler().issued)
-        return out
-
-    def _set_config(self, config: LoaderConfig) -> None:
-        """Switches configuration between epochs (no stream to carry over)."""
-        self._shutdown_inner()
-        self.config = config
-        self._rebuilds += 1
-
-    def _rebuild(self, config: LoaderConfig, handoff_ok: bool = True, extend_window: bool = True) -> None:
-        """Switches configuration mid-epoch at the current batch boundary.
-
-        A change of workers with batches in flight hands over: the old loader stops taking
-        indices and drains what it has in flight while the new workers start and load the next
-        ones, so the loop keeps training through the switch. Anything else (a batch-size change,
-        a second change during a hand-over, a fault) re-queues the in-flight batches instead.
-        """
-        stream = self._stream
-        in_flight = 0
-        handoff = (
-            handoff_ok
-            and stream is not None
-            and self._drain is None
-            and self._inner_it is not None
-            and self.config.num_workers > 0
-            and config.batch_size == self.config.batch_size
-            and bool(self._src_issued)
-        )
-        if handoff:
-            sampler = self._inner_sampler()
-            sampler.closed = True
-            in_flight = len(sampler.issued)
-            self._drain = _Drain(self._inner_loader, self._inner_it, sampler.issued)
-            self._inner_loader = self._inner_it = None
-        else:
-            if stream is not None:
-                requeue_issued(stream, self._issued_lists(), flatten=self._kind == "batch")
-            self._shutdown_inner()
-        self.config = config
-        self._rebuilds += 1
-        if stream is not None:
-            # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
-            self._inner_loader = self._build_loader(stream)
-            self._inner_it = _iterate(self._inner_loader)
-        self._point()
-        self._note_workers()
-        warmup = in_flight + max(2, config.num_workers)
-        self._timer.discard(warmup)
-        if self._collective is None:
-            self._open_window(warmup)
-        elif extend_window:
-            # Every rank takes this decision at the same step with the same warm-up.
-            self._window_step += warmup
-
-    def _stream_requeue_front(self, items: Any) -> None:
-        stream = self._stream
-        if stream is None:
-            raise ReconfigureError("no epoch in progress to hand the failed batch back to")
-        # In-flight batches come after the failed one, so they go back first, then it in front.
-        requeue_issued(stream, self._issued_lists(), flatten=True)
-        stream.requeue(items)
+            self._session.controller.note_out_of_memory(before, self.config)
 
     def _change(
-        self, config: LoaderConfig, kind: str, reason: str, lr_factor: float | None = None, **measured: Any
+        self,
+        config: LoaderConfig,
+        kind: str,
+        reason: str,
+        lr_factor: float | None = None,
+        *,
+        collective: bool = True,
+        **measured: Any,
     ) -> None:
-        if config == self.config:
+        pipeline = self._pipeline
+        before = pipeline.pending or self.config
+        if config == before:
             return
-        before = self.config
         if config.batch_size != before.batch_size:
-            lr_factor = self._follow_batch(before, config, lr_factor)
+            lr_factor = self._follower.plan(before, config, lr_factor, step=self.step, at_next_epoch=self._iterable)
         if self._iterable:
-            self._pending = config
+            # Its own order cannot be cut mid-epoch: the change waits (a revert cancels it).
+            pipeline.pending = None if config == self.config else config
             when = "at the next epoch (IterableDataset)"
-        elif self._stream is None:
-            self._set_config(config)
+        elif not pipeline.in_epoch:
+            pipeline.switch(config)
+            self.config = config
             when = "now"
         else:
-            self._rebuild(config)
+            in_flight = pipeline.rebuild(config, handoff_ok=kind != "fault")
+            self.config = config
+            self._note_workers()
+            self._session.rebuilt(in_flight + max(2, config.num_workers), step=self.step, collective=collective)
             when = f"at step {self.step}"
-        logger.info("%s %s -> %s %s: %s", kind, before.describe(), config.describe(), when, reason)
-        self.events_log.emit(
-            kind if kind != "reconfigure" else "change",
-            self.step,
-            self.epoch,
-            before=before.to_dict(),
-            after=config.to_dict(),
-            reason=reason,
+        self._session.changed(
+            kind,
+            before,
+            config,
+            reason,
+            step=self.step,
+            epoch=self.epoch,
+            when=when,
             lr_factor=lr_factor,
             forced=kind == "reconfigure",
             **measured,
         )
 
-    def _follow_batch(self, before: LoaderConfig, after: LoaderConfig, lr_factor: float | None) -> float | None:
-        """Plans what follows a batch-size change: the learning rate, or the accumulation steps.
+    # -- epochs and windows --------------------------------------------------------------------
+    def _end_epoch(self) -> None:
+        self._pipeline.end_epoch()
+        self.epoch += 1
 
-        It takes effect with the first batch of the new size (``_batch_actions``), not now: the
-        batch the loop is about to get may still be of the old size.
-        """
-        ratio = after.batch_size / before.batch_size
-        if self._accumulation is not None:
-            k = self._accumulation_planned * before.batch_size / after.batch_size
-            if k >= 1 and float(k).is_integer():
-                self._accumulation_planned = int(k)
-                self._defer(lambda: setattr(self, "_accumulation", int(k)))
-                self._note_batch_increase(before, after, None)
-                return None
-        if lr_factor is None:
-            lr_factor = ratio**self._lr_exponent
-        factor = lr_factor
-        self._defer(lambda: self._scale_lr(before, after, factor))
-        self._note_batch_increase(before, after, lr_factor)
-        return lr_factor
+    def _on_window(self, now: float, batch: Any) -> None:
+        # A change waiting for the next epoch has not run yet: judging it now would compare the
+        # old configuration with itself.
+        decision = self._session.close_window(
+            now_s=now,
+            step=self.step,
+            epoch=self.epoch,
+            config=self.config,
+            batch=batch,
+            decide=self._pipeline.pending is None,
+        )
+        if decision is not None:
+            self._act(decision)
 
-    def _defer(self, action: Callable[[], None]) -> None:
-        """Runs ``action`` when the first batch of the new configuration is handed out."""
-        if self._iterable:
-            self._epoch_actions.append(action)  # an IterableDataset changes at the next epoch
-        else:
-            self._batch_actions.append(action)
-            # Batches up to this step are of the old configuration (this one too, when a window
-            # decided inside next()); the next one is the first of the new.
-            self._actions_step = self.step
-
-    def _scale_lr(self, before: LoaderConfig, after: LoaderConfig, factor: float) -> None:
-        if self._optimizer is not None and factor != 1.0:
-            from loadertune.lr import LrWarmup, scale_lr
-
-            if self._warmup is not None:
-                self._warmup.remove()
-                self._warmup = None
-            if self._lr_warmup_steps and factor > 1.0:
-                self._warmup = LrWarmup(self._optimizer, factor, self._lr_warmup_steps, self._scheduler)
-            else:
-                scale_lr(self._optimizer, factor, self._scheduler)
-        if self._keep_schedule_length:
-            from loadertune.lr import rescale_schedule_length
-
-            # Steps per epoch shrink as the batch grows: old batch / new batch.
-            rescale_schedule_length(self._scheduler, before.batch_size / after.batch_size)
-
-    def _run_batch_actions(self) -> None:
-        actions, self._batch_actions = self._batch_actions, []
-        for action in actions:
-            action()
-
-    def _note_batch_increase(self, before: LoaderConfig, after: LoaderConfig, factor: float | None) -> None:
-        self._batch_increase = (before, factor) if after.batch_size > before.batch_size else None
+    def _act(self, decision: Decision) -> None:
+        rec = decision.recommendation
+        diagnosis = self._session.diagnosis
+        self._change(
+            decision.config,
+            decision.action,
+            decision.reason,
+            lr_factor=decision.lr_factor,
+            before_samples_per_s=decision.before_samples_per_s,
+            after_samples_per_s=decision.after_samples_per_s,
+            expected_speedup=rec.expected_speedup if rec is not None else None,
+            diagnosis=diagnosis.kind if diagnosis is not None else None,
+        )
 
     # -- faults --------------------------------------------------------------------------------
-    def _pop_failed(self) -> None:
-        if self._src_issued:
-            self._src_issued.popleft()
-
-    def _after_failure(self, it: Any, exc: Exception) -> Any:
+    def _after_failure(self, it: Any, exc: Exception) -> None:
         """Handles an exception from ``next()``: a dead worker is recovered from, anything else
         (the dataset's own error) is re-raised unchanged after dropping its batch, as torch does."""
         while True:
             try:
-                death = _worker_death(it, exc)
+                death = worker_death(it, exc)
                 if death == "none":
-                    self._pop_failed()
+                    self._pipeline.drop_failed()
                     raise exc
                 if death == "died":
                     self._recover(exc)
-                break
+                return
             except RuntimeError as late:
                 # torch's SIGCHLD handler raises asynchronously, so the report of a death can
                 # land inside this very handling: take it as the death it reports, once more.
-                if late is exc or not _WORKER_DIED.search(str(late)):
+                if late is exc or not WORKER_DIED.search(str(late)):
                     raise
                 exc = late
-                it = self._src_it
-        return self.__next__()
+                it = self._pipeline.src_it
 
     def _recover(self, exc: Exception) -> None:
-        if self._stream is None:
+        if not self._pipeline.in_epoch:
             raise exc
         before = self.config
         fewer = max(0, before.num_workers - max(1, before.num_workers // 2))
@@ -828,158 +573,15 @@ class TunedLoader:
         )
         # A broken loader cannot hand anything over: its in-flight batches are re-queued.
         # A fault is this rank's alone: it must not move the window every rank closes together.
-        self._rebuild(before.replace(num_workers=fewer), handoff_ok=False, extend_window=False)
-        self._controller.note_external_change(self.config)
-        if self._controller.ceiling_workers is None or before.num_workers < self._controller.ceiling_workers:
-            self._controller.ceiling_workers = before.num_workers
-        self.events_log.emit(
-            "fault",
-            self.step,
-            self.epoch,
-            error=str(exc),
-            before=before.to_dict(),
-            after=self.config.to_dict(),
-        )
-
-    # -- windows -------------------------------------------------------------------------------
-    def _open_window(self, discard: int = 0) -> None:
-        if self._collective is None:
-            # A first look early on: a loop that mostly waits needs no long measurement to know
-            # it needs workers, and every second spent at the old setting is lost throughput.
-            now = time.perf_counter()
-            self._window_opened = (now, self.step + discard)
-            self._window_deadline = now + min(self.window_s, _EARLY_WINDOW_S)
-            self._window_step = self.step + discard + min(self.min_window_batches, _EARLY_WINDOW_BATCHES)
-        else:
-            # Every rank closes its window at the same step, so every rank decides at that step.
-            self._window_deadline = -math.inf
-            self._window_step = self.step + discard + self._dist_window_steps
-
-    def _on_window(self, batch: Any) -> None:
-        now = time.perf_counter()
-        # Early only without workers: then this thread's CPU time already tells CPU work from
-        # waiting; with workers that takes the host source a few readings.
-        early_ok = self._timer.wait_share >= _EARLY_WAIT_SHARE and self.config.num_workers == 0
-        if self._collective is None and not early_ok:
-            opened_s, opened_step = self._window_opened
-            if now < opened_s + self.window_s or self.step < opened_step + self.min_window_batches:
-                # Not clearly starved: measure the full window.
-                self._window_deadline = opened_s + self.window_s
-                self._window_step = opened_step + self.min_window_batches
-                return
-        loop = self._timer.take()
-        ticks = self._sampler.window(loop.start_s, loop.end_s)
-        metrics = compute_metrics(loop, ticks, self.config)
-        collective = self._collective
-        if collective is not None:
-            metrics = collective.reduce_metrics(metrics, step=self.step)
-            # Identical metrics on every rank give every rank the same next window.
-            self._dist_window_steps = max(self.min_window_batches, math.ceil(self.window_s * metrics.batches_per_s))
-        self._open_window()
-        self._batch_bytes = _nbytes(batch)
-        env = self._environment
-        if env.batch_bytes != self._batch_bytes:
-            env = self._environment = dataclasses.replace(env, batch_bytes=self._batch_bytes)
-        diagnosis = diagnose(metrics, self.config, env)
-        self.metrics, self.diagnosis = metrics, diagnosis
-        if self._first_rate is None:
-            self._first_rate = metrics.samples_per_s
-        self.events_log.emit(
-            "window",
-            self.step,
-            self.epoch,
-            config=self.config.to_dict(),
-            metrics=metrics.to_dict(),
-            diagnosis=diagnosis.to_dict(),
-        )
-        if self.mode == "recommend":
-            self._recommend(metrics, diagnosis)
-            return
-        decision = self._controller.decide(metrics, diagnosis, now)
-        if collective is not None:
-            # Rank 0's decision is everyone's: cooldowns and bounds may differ per rank.
-            decision = collective.broadcast(decision, step=self.step)
-            self._controller.adopt(decision)
-        self._act(decision)
-
-    def _recommend(self, metrics: WindowMetrics, diagnosis: Diagnosis) -> None:
-        bounds = self._bounds_now()
-        self._known_load_s = remember_load(metrics, self.config, bounds, self._known_load_s)
-        rec = plan(
-            metrics,
-            diagnosis,
-            self.config,
-            bounds,
-            allow_batch_size=self._kind == "batch",
-            lr_exponent=self._lr_exponent,
-            known_load_s=self._known_load_s,
-        )
-        if self._collective is not None:
-            rec = self._collective.broadcast(rec, step=self.step)
-        self.recommendation = rec
-        if same_recommendation(rec.config if rec else None, self._logged_rec):
-            # Rates wobble between windows; repeat a recommendation only when it really changes.
-            return
-        target = rec.config if rec is not None else None
-        self._logged_rec = target
-        if rec is None:
-            logger.info("%s Keep %s.", diagnosis.summary, self.config.describe())
-            return
-        logger.info("%s Recommend %s.", diagnosis.summary, rec.describe(self._lr_rule))
-        self.events_log.emit(
-            "recommendation",
-            self.step,
-            self.epoch,
-            recommendation=rec.to_dict(),
-            diagnosis=diagnosis.to_dict(),
-            metrics=metrics.to_dict(),
-        )
-
-    def _act(self, decision: Decision) -> None:
-        self.recommendation = decision.recommendation
-        if decision.action in ("change", "revert"):
-            rec = decision.recommendation
-            self._change(
-                decision.config,
-                decision.action,
-                decision.reason,
-                lr_factor=decision.lr_factor,
-                before_samples_per_s=decision.before_samples_per_s,
-                after_samples_per_s=decision.after_samples_per_s,
-                expected_speedup=rec.expected_speedup if rec is not None else None,
-                diagnosis=self.diagnosis.kind if self.diagnosis is not None else None,
-            )
-            return
-        if decision.action in ("keep", "retune"):
-            logger.info("%s", decision.reason)
-            self.events_log.emit(decision.action, self.step, self.epoch, **decision.to_dict())
-
-    def _bounds_now(self) -> Bounds:
-        b = self._bounds
-        if self._batch_bytes is not None and b.batch_bytes != self._batch_bytes:
-            b = self._bounds = dataclasses.replace(b, batch_bytes=self._batch_bytes)
-            self._controller.bounds = b
-        return b
+        after = before.replace(num_workers=fewer)
+        self._pipeline.rebuild(after, handoff_ok=False)
+        self.config = after
+        self._note_workers()
+        self._session.rebuilt(max(2, fewer), step=self.step, collective=False)
+        self._session.controller.note_fault(before, after)
+        self._session.fault(exc, before, after, step=self.step, epoch=self.epoch)
 
     # -- set-up helpers ------------------------------------------------------------------------
-    def _resolve_lr(self, rule: str) -> tuple[str, float]:
-        choices = ("auto", *_LR_EXPONENTS)
-        if rule not in choices:
-            raise ValueError(f"lr_rule must be one of {', '.join(map(repr, choices))}, got {rule!r}")
-        if self._optimizer is None:
-            if self.allow_batch_size and rule not in ("none",):
-                raise ValueError(
-                    "allow_batch_size=True changes the batch size, so the learning rate must follow: "
-                    "pass optimizer= (and scheduler=), or lr_rule='none' to keep the learning rate"
-                )
-            return (rule if rule != "auto" else "linear"), _LR_EXPONENTS.get(rule, 1.0)
-        if rule == "auto":
-            from loadertune.lr import resolve_lr_rule
-
-            rule, why = resolve_lr_rule("auto", self._optimizer)
-            logger.info("lr_rule='auto' chose %r: %s", rule, why)
-        return rule, _LR_EXPONENTS[rule]
-
     def _seeded_dataset(self, dataset: Any, seed: int | None) -> Any:
         if seed is None:
             return dataset
@@ -992,160 +594,15 @@ class TunedLoader:
 
         return SeededDataset(dataset, seed)
 
-    def _key_fn(self) -> Callable[[int], Any] | None:
-        if self._seed is None:
+    def _key_fn(self, seed: int | None) -> Callable[[int], Any] | None:
+        if seed is None:
             return None
         from loadertune.seeding import SampleKey
 
         # Read the epoch when the key is made: a persistent loader lives across epochs.
         return lambda i: SampleKey(self.epoch, i)
 
-    def _make_environment(self) -> Environment:
-        model = self._model
-        on_cuda = False
-        has_conv = False
-        if model is not None:
-            try:
-                on_cuda = next(model.parameters()).is_cuda
-            except StopIteration:
-                on_cuda = False
-            conv = (torch.nn.modules.conv._ConvNd,)
-            has_conv = any(isinstance(m, conv) for m in model.modules())
-        elif self._sampler.gpu is not None and torch.cuda.is_available():
-            on_cuda = True
-        return Environment(
-            on_cuda=on_cuda,
-            has_conv=has_conv,
-            cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-            cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
-        )
-
     def _note_workers(self) -> None:
-        host = self._sampler.host
-        set_pids = getattr(host, "set_worker_pids", None)
-        if set_pids is None:
-            return
-        its = [self._inner_it] + ([self._drain.it] if self._drain is not None else [])
-        workers = [w for it in its for w in (getattr(it, "_workers", None) or [])]
-        set_pids([w.pid for w in workers if w.pid is not None])
-
-    def _summary(self) -> dict[str, Any]:
-        last = self.metrics.samples_per_s if self.metrics else None
-        first = self._first_rate
-        changes = [e for e in self.events_log.events if e.kind in ("change", "revert", "fault")]
-        if changes:
-            what = f"{self._initial_config.describe()} -> {self.config.describe()} in {len(changes)} change(s)"
-            if first and last:
-                what += f"; {first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x)"
-        else:
-            what = f"unchanged {self.config.describe()}"
-            if last:
-                what += f"; {last:.0f} samples/s in the last window"
-        rec = self.recommendation
-        if self.mode == "recommend" and rec is not None:
-            what += f"; recommended {', '.join(f'{k}={b}' for k, (_a, b) in rec.changes.items())}"
-        text = f"summary: {self.step} batches in {self._epochs_started} epoch(s); {what}"
-        return {
-            "text": text,
-            "initial_config": self._initial_config.to_dict(),
-            "final_config": self.config.to_dict(),
-            "first_samples_per_s": first,
-            "last_samples_per_s": last,
-            "changes": len(changes),
-            "rebuilds": self._rebuilds,
-        }
-
-
-@dataclass(frozen=True)
-class _Drain:
-    """An old loader handing over the batches it has in flight."""
-
-    loader: DataLoader
-    it: Iterator[Any]
-    issued: deque[Any]
-
-
-def _shutdown(loader: DataLoader | None, it: Any) -> None:
-    """Stops a loader's workers now (a persistent loader keeps its iterator on the loader)."""
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    if loader is not None and getattr(loader, "_iterator", None) is not None:
-        loader._iterator._shutdown_workers()
-        loader._iterator = None
-
-
-def _worker_death(it: Any, exc: Exception) -> str:
-    """What ``exc`` from ``next(it)`` says of the workers: "died", "stale" or "none".
-
-    torch reports a dead worker as "DataLoader worker (pid ...) exited unexpectedly" or "is
-    killed by signal", but a worker killed while handing over a batch can also surface as a
-    connection reset on the batch's shared-memory handle; a dead process settles both. A report
-    naming none of the current workers is "stale": a death already recovered from.
-    """
-    workers = getattr(it, "_workers", None) or []
-    match = _WORKER_DIED.search(str(exc)) if isinstance(exc, RuntimeError) else None
-    if match:
-        pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
-        if pids and not pids & {w.pid for w in workers}:
-            return "stale"
-        return "died"
-    if any(not w.is_alive() for w in workers):
-        return "died"
-    if workers and isinstance(exc, (ConnectionError, EOFError)):
-        # The dying worker's sockets close before the process is reaped: wait (bounded) for
-        # its exit to become visible rather than mistake the death for a dataset error.
-        from multiprocessing.connection import wait
-
-        if wait([w.sentinel for w in workers], timeout=_DEATH_WAIT_S):
-            return "died"
-    return "none"
-
-
-def _iterate(loader: DataLoader) -> Iterator[Any]:
-    with warnings.catch_warnings():
-        # torch warns past its suggested worker count (the usable CPUs); loadertune goes past it
-        # on purpose for I/O-bound loads and bounds CPU-bound ones itself.
-        warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
-        return iter(loader)
-
-
-def _make_collective(timeout_s: float) -> Any:
-    check_seconds("dist_timeout_s", timeout_s)
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    from loadertune.distributed import Collective
-
-    return Collective(timeout_s=timeout_s)
-
-
-def _stream_kind(loader: DataLoader) -> str:
-    if isinstance(loader.dataset, IterableDataset):
-        return "iterable"
-    if loader.batch_sampler is None:
-        return "single"
-    if type(loader.batch_sampler) is BatchSampler:
-        return "batch"  # torch's own, whether the DataLoader built it or the user passed it
-    return "batches"
-
-
-def _check_accumulation(k: Any) -> int | None:
-    if k is None:
-        return None
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"accumulation_steps must be an int >= 1, got {k!r}")
-    return k
-
-
-def _nbytes(batch: Any) -> int:
-    """Bytes of the tensors in a collated batch (nested tuples, lists and dicts)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.element_size() * batch.nelement()
-    if isinstance(batch, dict):
-        return sum(_nbytes(v) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return sum(_nbytes(v) for v in batch)
-    return 0
-
+        set_pids = getattr(self._session.sampler.host, "set_worker_pids", None)
+        if set_pids is not None:
+            set_pids(self._pipeline.worker_pids())

@@ -478,12 +478,12 @@ def test_worker_change_hands_over_in_flight_batches_without_requeueing():
             if step == 3:
                 t.reconfigure(num_workers=3)
                 # The old loader drains what it had in flight; the new one already started.
-                assert t._drain is not None and len(t._drain.issued) > 0
-                assert t._stream.requeued == 0
+                assert t._pipeline._drain is not None and len(t._pipeline._drain.issued) > 0
+                assert t._pipeline.stream.requeued == 0
             if step == 4:
                 # A second change during the hand-over re-queues both loaders' batches, in order.
                 t.reconfigure(num_workers=1)
-                assert t._drain is None
+                assert t._pipeline._drain is None
         assert got == reference
 
 

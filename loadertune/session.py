@@ -1,0 +1,487 @@
+"""The tuning session: one core that every front end drives.
+
+A session owns what a tuning run keeps beside the loader: the sampler thread, the loop timer, the
+window schedule, the event log, the collective (under ``torch.distributed``), the bounds and the
+controller. A front end feeds it the loop's timings and closes windows when they are due; the
+session turns each window into metrics, a diagnosis and a recommendation (recommend mode) or a
+:class:`~loadertune.controller.Decision` for the front end to carry out (apply mode), writes the
+events and makes the summary.
+
+``tune()``'s :class:`~loadertune.tuned.TunedLoader`, the Lightning callback and ``loadertune
+run`` are front ends; none of them diagnoses, plans or decides on its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from loadertune.config import LoaderConfig
+from loadertune.controller import Controller, Decision, Recommendation
+from loadertune.diagnose import Diagnosis, Environment, diagnose
+from loadertune.events import Event, EventLog
+from loadertune.metrics import WindowMetrics, compute_metrics
+from loadertune.options import TuneOptions, resolve_lr
+from loadertune.resources import node_bounds, resolve_gpu
+from loadertune.sampler import Sampler
+from loadertune.schedule import WindowSchedule
+from loadertune.timer import LoopTimer, LoopWindow
+
+__all__ = ["TuningSession", "batch_nbytes", "close_at_exit", "model_environment"]
+
+logger = logging.getLogger("loadertune")
+
+# Decisions the front end carries out; the rest are only logged.
+_LOGGED_ACTIONS = ("keep", "retune")
+
+
+class TuningSession:
+    """Measures, diagnoses and decides for one loader (or one training loop).
+
+    Args:
+        options: The run's options.
+        config: The loader configuration at the start.
+        batch_resizable: Whether the front end can change the batch size (recommendations may
+            then propose one; apply mode changes it only with ``allow_batch_size``).
+        environment: What the model runs on; derived from ``options.model`` when None.
+        integration: The front end's name for the start event ("lightning", "run"), or None.
+        name: What the loader is called in log lines (a creation site), or None.
+        optimizer: The optimizer for ``lr_rule="auto"`` when not in ``options``.
+        step: Batches already consumed when the session starts.
+        epoch: The epoch number when it starts.
+
+    Attributes:
+        metrics: The latest window's metrics, None before the first.
+        diagnosis: The latest diagnosis.
+        recommendation: The latest recommendation (what to move to), or None.
+        timer: The loop timer the front end records batches into.
+        schedule: The window in progress.
+    """
+
+    def __init__(
+        self,
+        options: TuneOptions,
+        config: LoaderConfig,
+        *,
+        batch_resizable: bool,
+        environment: Environment | None = None,
+        integration: str | None = None,
+        name: str | None = None,
+        optimizer: Any = None,
+        step: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        self.options = options
+        self.mode = options.mode
+        self.name = name
+        self.batch_resizable = batch_resizable
+        self.lr_rule, self.lr_exponent = resolve_lr(options, optimizer)
+        self.collective = _make_collective(options.dist_timeout_s)
+        self.events_log = EventLog(options.log_file, sinks=options.sinks)
+        self.sampler = Sampler(options.interval_s, gpu=resolve_gpu(options.gpu), host=options.host)
+        local = self.collective.local_world_size if self.collective is not None else 1
+        self.bounds = node_bounds(options.max_workers, options.ram_budget_share, local)
+        self.environment = environment if environment is not None else model_environment(options.model, self.sampler.gpu)
+        self.controller = Controller(
+            config,
+            self.bounds,
+            allow_batch_size=options.allow_batch_size and batch_resizable,
+            lr_exponent=self.lr_exponent,
+            cooldown_s=options.window_s,
+        )
+        self.timer = LoopTimer()
+        self.schedule = WindowSchedule(options.window_s, options.min_window_batches, distributed=self.collective is not None)
+        self.metrics: WindowMetrics | None = None
+        self.diagnosis: Diagnosis | None = None
+        self.recommendation: Recommendation | None = None
+        self.batch_bytes: int | None = None
+        self.closed = False
+        self._initial = config
+        self._logged_rec: Recommendation | None = None
+        self._advice_logged: set[str] = set()
+        # Rates of the whole run, from the loop's own timings: the first configuration's and the
+        # one in use since the last change (every window and the partial one at the end count).
+        self._first = _Tally()
+        self._since_change = _Tally()
+        self._changes = 0
+        self._start_s = time.perf_counter()
+        self.sampler.start()
+        extra = {"integration": integration} if integration else {}
+        if name:
+            extra["loader"] = name
+        if self.collective is not None:
+            extra["rank"] = self.collective.rank
+        self.events_log.emit(
+            "start",
+            step,
+            epoch,
+            mode=self.mode,
+            config=config.to_dict(),
+            gpu=getattr(self.sampler.gpu, "name", None),
+            usable_cpus=self.bounds.usable_cpus,
+            lr_rule=self.lr_rule,
+            **extra,
+        )
+
+    # -- what the front ends read ------------------------------------------------------------------
+    @property
+    def events(self) -> list[Event]:
+        """The events so far (the most recent 10,000)."""
+        return list(self.events_log.events)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether decisions are collective (``torch.distributed`` with two or more ranks)."""
+        return self.collective is not None
+
+    # -- feeding -------------------------------------------------------------------------------------
+    def record(
+        self,
+        requested_s: float,
+        returned_s: float,
+        samples: int,
+        batch: Any,
+        *,
+        step: int,
+        epoch: int,
+        config: LoaderConfig,
+    ) -> Decision | None:
+        """Records one batch and closes the window when it is due (observing front ends).
+
+        Args:
+            requested_s: ``time.perf_counter()`` when the loop asked for the batch.
+            returned_s: When it got it.
+            samples: Samples in the batch.
+            batch: The batch (its size in bytes bounds /dev/shm use).
+            step: Batches consumed so far, this one included.
+            epoch: The epoch number.
+            config: The loader configuration in use.
+
+        Returns:
+            The decision to carry out in apply mode when a window closed, else None.
+        """
+        self.timer.record(requested_s, returned_s, samples)
+        if self.batch_bytes is None:
+            self.note_batch(batch)
+        schedule = self.schedule
+        if returned_s >= schedule.deadline_s and step >= schedule.step:
+            return self.close_window(now_s=returned_s, step=step, epoch=epoch, config=config, batch=batch)
+        return None
+
+    def epoch_started(self, now_s: float | None = None, step: int = 0) -> None:
+        """Marks the next batch as an epoch's first; opens the first window if none is open."""
+        self.timer.epoch_started()
+        if not self.schedule.started:
+            self.schedule.open(now_s if now_s is not None else time.perf_counter(), step)
+
+    def note_batch(self, batch: Any) -> None:
+        """Measures a batch's bytes: what one batch in flight holds in /dev/shm."""
+        nbytes = batch_nbytes(batch)
+        if nbytes and nbytes != self.batch_bytes:
+            self.batch_bytes = nbytes
+            self.controller.note_batch_bytes(nbytes)
+
+    def rebuilt(self, warmup_batches: int, *, step: int, collective: bool = True) -> None:
+        """After the loader changed: its first batches measure start-up, not pace.
+
+        Args:
+            warmup_batches: Batches to leave out of the next window.
+            step: Batches consumed so far.
+            collective: The change was decided by every rank together (a fault is one rank's
+                alone and must not move the window every rank closes together).
+        """
+        self._tally_partial()
+        self.timer.discard(warmup_batches)
+        if self.collective is None:
+            self.schedule.open(time.perf_counter(), step, warmup_batches)
+        elif collective:
+            self.schedule.extend(warmup_batches)
+
+    # -- windows -------------------------------------------------------------------------------------
+    def close_window(
+        self,
+        *,
+        now_s: float,
+        step: int,
+        epoch: int,
+        config: LoaderConfig,
+        batch: Any = None,
+        decide: bool = True,
+    ) -> Decision | None:
+        """Closes the window if it is really over; returns an apply-mode decision to carry out.
+
+        A due first window may close early (a starved loop without workers) or be extended to
+        the full length; a window of fewer than two batches (over all ranks) decides nothing.
+
+        Args:
+            now_s: ``time.perf_counter()`` now.
+            step: Batches consumed so far.
+            epoch: The epoch number.
+            config: The configuration the window ran with.
+            batch: The latest batch (its bytes bound /dev/shm use), if at hand.
+            decide: False while a change waits to take effect: the window is measured and
+                logged, and nothing is decided on it.
+        """
+        if not self.schedule.ready(now_s, step, wait_share=self.timer.wait_share, num_workers=config.num_workers):
+            return None
+        loop = self.timer.take()
+        ticks = self.sampler.window(loop.start_s, loop.end_s)
+        metrics = compute_metrics(loop, ticks, config)
+        collective = self.collective
+        if collective is not None:
+            metrics = collective.reduce_metrics(metrics, step=step)
+            # Identical metrics on every rank give every rank the same next window.
+            self.schedule.set_rate(metrics.batches_per_s)
+        self.schedule.open(now_s, step)
+        self._tally(loop)
+        if batch is not None:
+            self.note_batch(batch)
+        if metrics.batches < 2:  # the reduced count: every rank takes the same branch
+            return None
+        diagnosis = diagnose(metrics, config, self.environment)
+        self.metrics, self.diagnosis = metrics, diagnosis
+        self.events_log.emit(
+            "window",
+            step,
+            epoch,
+            config=config.to_dict(),
+            metrics=metrics.to_dict(),
+            diagnosis=diagnosis.to_dict(),
+        )
+        self._log_advice(diagnosis)
+        if self.mode == "recommend":
+            self._recommend(metrics, diagnosis, config, step, epoch)
+            return None
+        if not decide:
+            return None
+        decision = self.controller.decide(metrics, diagnosis, now_s)
+        if collective is not None:
+            # Rank 0's decision is everyone's: cooldowns and bounds may differ per rank.
+            decision = collective.broadcast(decision, step=step)
+            self.controller.adopt(decision)
+        self.recommendation = decision.recommendation
+        if decision.action in ("change", "revert"):
+            return decision
+        if decision.action in _LOGGED_ACTIONS:
+            logger.info("%s%s", self._prefix(), decision.reason)
+            self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
+        return None
+
+    def _recommend(
+        self, metrics: WindowMetrics, diagnosis: Diagnosis, config: LoaderConfig, step: int, epoch: int
+    ) -> None:
+        rec = self.controller.recommend(metrics, diagnosis, allow_batch_size=self.batch_resizable)
+        if self.collective is not None:
+            rec = self.collective.broadcast(rec, step=step)
+        self.recommendation = rec
+        logged = self._logged_rec
+        if rec is logged or (rec is not None and logged is not None and rec.config == logged.config):
+            # The same advice: said once, not again every window.
+            return
+        self._logged_rec = rec
+        if rec is None:
+            if logged is not None:
+                logger.info("%s%s Keep %s.", self._prefix(), diagnosis.summary, config.describe())
+            return
+        logger.info("%s%s Recommend %s.", self._prefix(), diagnosis.summary, rec.describe(self.lr_rule))
+        self.events_log.emit(
+            "recommendation",
+            step,
+            epoch,
+            recommendation=rec.to_dict(),
+            diagnosis=diagnosis.to_dict(),
+            metrics=metrics.to_dict(),
+        )
+
+    def _log_advice(self, diagnosis: Diagnosis) -> None:
+        for advice in diagnosis.advice:
+            # Each finding once: the numbers in it move from window to window.
+            key = re.sub(r"\d+(\.\d+)?", "#", advice)
+            if key not in self._advice_logged:
+                self._advice_logged.add(key)
+                logger.warning("%s%s", self._prefix(), advice)
+
+    # -- changes -------------------------------------------------------------------------------------
+    def changed(
+        self,
+        kind: str,
+        before: LoaderConfig,
+        after: LoaderConfig,
+        reason: str,
+        *,
+        step: int,
+        epoch: int,
+        when: str,
+        lr_factor: float | None = None,
+        forced: bool = False,
+        **measured: Any,
+    ) -> None:
+        """Logs and records a configuration change the front end made (or will make ``when``)."""
+        self._changes += 1
+        self._since_change = _Tally()
+        logger.info("%s%s %s -> %s %s: %s", self._prefix(), kind, before.describe(), after.describe(), when, reason)
+        self.events_log.emit(
+            "change" if kind == "reconfigure" else kind,
+            step,
+            epoch,
+            before=before.to_dict(),
+            after=after.to_dict(),
+            reason=reason,
+            lr_factor=lr_factor,
+            forced=forced,
+            **measured,
+        )
+
+    def fault(self, error: BaseException | str, before: LoaderConfig, after: LoaderConfig, *, step: int, epoch: int, **extra: Any) -> None:
+        """Records a fault recovered from (a dead worker, /dev/shm exhausted...)."""
+        self._changes += 1
+        self._since_change = _Tally()
+        self.events_log.emit(
+            "fault", step, epoch, error=str(error), before=before.to_dict(), after=after.to_dict(), **extra
+        )
+
+    # -- the end -------------------------------------------------------------------------------------
+    def summary(self, *, step: int, epochs: int, config: LoaderConfig) -> dict[str, Any]:
+        """The run in one line and its figures: what changed and the rates before and after."""
+        self._tally_partial()
+        first = self._first.rate()
+        last = self._since_change.rate() if self._changes else self._first.rate()
+        if self._changes:
+            what = f"{self._initial.describe()} -> {config.describe()} in {self._changes} change(s)"
+            if first and last:
+                what += f"; {first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x)"
+        else:
+            what = f"unchanged {config.describe()}"
+            if last:
+                what += f"; {last:.0f} samples/s"
+        rec = self.recommendation
+        if self.mode == "recommend" and rec is not None:
+            what += f"; recommended {', '.join(f'{k}={b}' for k, (_a, b) in rec.changes.items())}"
+        text = f"summary: {step} batches in {epochs} epoch(s); {what}"
+        return {
+            "text": text,
+            "initial_config": self._initial.to_dict(),
+            "final_config": config.to_dict(),
+            "first_samples_per_s": first,
+            "last_samples_per_s": last,
+            "changes": self._changes,
+        }
+
+    def close(self, *, step: int, epoch: int, epochs: int, config: LoaderConfig, **extra: Any) -> dict[str, Any]:
+        """Stops the sampler, logs and records the summary, closes the event log; idempotent.
+
+        Returns:
+            The summary (empty when already closed).
+        """
+        if self.closed:
+            return {}
+        self.closed = True
+        self.sampler.close()
+        if self.collective is not None:
+            self.collective.close()
+        summary = {**self.summary(step=step, epochs=epochs, config=config), **extra}
+        logger.info("%s%s", self._prefix(), summary["text"])
+        self.events_log.emit("summary", step, epoch, **summary)
+        self.events_log.close()
+        return summary
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _prefix(self) -> str:
+        return f"{self.name}: " if self.name else ""
+
+    def _tally(self, loop: LoopWindow) -> None:
+        busy = loop.wait_s + loop.compute_s
+        for tally in ((self._first,) if not self._changes else ()) + (self._since_change,):
+            tally.add(loop.samples, busy)
+
+    def _tally_partial(self) -> None:
+        # What the loop did since the last window closed counts too: short runs may close none.
+        self._tally(self.timer.take())
+
+
+class _Tally:
+    """Samples and loop seconds summed over windows, for a run's rates."""
+
+    __slots__ = ("samples", "seconds")
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.seconds = 0.0
+
+    def add(self, samples: int, seconds: float) -> None:
+        self.samples += samples
+        self.seconds += seconds
+
+    def rate(self) -> float | None:
+        return self.samples / self.seconds if self.seconds > 0 and self.samples else None
+
+
+def model_environment(model: Any, gpu: Any = None) -> Environment:
+    """What the model runs on: CUDA or not, convolutions or not, cuDNN's settings."""
+    on_cuda = False
+    has_conv = False
+    if model is not None:
+        try:
+            on_cuda = next(model.parameters()).is_cuda
+        except (StopIteration, AttributeError):
+            on_cuda = False
+        if hasattr(model, "modules"):
+            has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    elif gpu is not None and torch.cuda.is_available():
+        on_cuda = True
+    return Environment(
+        on_cuda=on_cuda,
+        has_conv=has_conv,
+        cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+    )
+
+
+def batch_nbytes(batch: Any) -> int:
+    """Bytes of the tensors in a collated batch (nested tuples, lists and dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.element_size() * batch.nelement()
+    if isinstance(batch, dict):
+        return sum(batch_nbytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(batch_nbytes(v) for v in batch)
+    return 0
+
+
+def _make_collective(timeout_s: float) -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    from loadertune.distributed import Collective
+
+    return Collective(timeout_s=timeout_s)
+
+
+# Objects with close() still open at interpreter exit: most training scripts never call it, and
+# their summary and event log must not be lost for that.
+_OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
+_registered = False
+
+
+def close_at_exit(obj: Any) -> None:
+    """Has ``obj.close()`` called at normal interpreter exit if it is still open then."""
+    global _registered
+    _OPEN.add(obj)
+    if not _registered:
+        _registered = True
+        atexit.register(_close_open)
+
+
+def _close_open() -> None:
+    for obj in list(_OPEN):
+        try:
+            obj.close()
+        except Exception:  # exit must go on; say what was lost
+            logger.warning("closing %r at exit failed", obj, exc_info=True)
