@@ -500,6 +500,18 @@ def _sample(metrics: WindowMetrics) -> _Sample | None:
     )
 
 
+def _spread(samples: list[_Sample]) -> tuple[float, int]:
+    """Squared deviations between the windows of one configuration beyond their own noise."""
+    k = len(samples)
+    if k < 2:
+        return 0.0, 0
+    mean = sum(x.log_rate for x in samples) / k
+    ss = sum((x.log_rate - mean) ** 2 for x in samples)
+    own = sum(x.rel_var for x in samples) / k
+    # What the windows' own noise explains is not spread between windows.
+    return max(0.0, ss - (k - 1) * own), k - 1
+
+
 def _mean_rate(samples: list[_Sample]) -> float:
     """Geometric mean of the windows' rates (each window weighs alike, as in the test)."""
     if not samples:
@@ -542,9 +554,11 @@ class Controller:
         cooldown_s: Least time between two changes.
         tie_band: Differences within this share count as a tie, which the cheaper
             configuration wins (default 3%).
-        z: Standard errors a difference must clear to decide (default 1.645: one-sided 95%).
+        z: Standard errors a difference must clear to decide early (default 2: above the
+            one-sided 1.645 because the test looks after every window).
         max_windows: Most windows a trial measures on each side before deciding on the
-            estimate alone (default 6).
+            estimate alone (default 24: ~48 s at the session's 2 s windows, only when the
+            difference stays close to the bar).
         window_noise: Prior relative spread between windows at one configuration (default 2%);
             the spread measured during the run replaces it as evidence accumulates.
     """
@@ -560,8 +574,8 @@ class Controller:
         drift_share: float = 0.25,
         cooldown_s: float = 0.0,
         tie_band: float = 0.03,
-        z: float = 1.645,
-        max_windows: int = 6,
+        z: float = 2.0,
+        max_windows: int = 24,
         window_noise: float = 0.02,
     ) -> None:
         if not 0.0 <= tie_band < 1.0:
@@ -601,20 +615,19 @@ class Controller:
         """The relative spread between windows at one configuration, as measured so far."""
         return math.sqrt(self._between_var())
 
-    def _between_var(self) -> float:
-        return max(0.0, self._spread_ss / self._spread_dof)
+    def _between_var(self, *open_groups: list[_Sample]) -> float:
+        """Pooled spread between windows, counting groups still being measured as well."""
+        ss, dof = self._spread_ss, self._spread_dof
+        for group in open_groups:
+            g_ss, g_dof = _spread(group)
+            ss, dof = ss + g_ss, dof + g_dof
+        return max(0.0, ss / dof)
 
     def _learn_spread(self, samples: list[_Sample]) -> None:
         """Adds one configuration's windows to the pooled between-window spread."""
-        k = len(samples)
-        if k < 2:
-            return
-        mean = sum(x.log_rate for x in samples) / k
-        ss = sum((x.log_rate - mean) ** 2 for x in samples)
-        own = sum(x.rel_var for x in samples) / k
-        # What the windows' own noise explains is not spread between windows.
-        self._spread_ss += max(0.0, ss - (k - 1) * own)
-        self._spread_dof += k - 1
+        ss, dof = _spread(samples)
+        self._spread_ss += ss
+        self._spread_dof += dof
 
     def _remember(self, metrics: WindowMetrics) -> None:
         sample = _sample(metrics)
@@ -630,7 +643,8 @@ class Controller:
         k = len(samples)
         if not k:
             return math.inf
-        return math.sqrt(sum(x.rel_var + self._between_var() for x in samples)) / k
+        between = self._between_var(samples)
+        return math.sqrt(sum(x.rel_var + between for x in samples)) / k
 
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
@@ -781,7 +795,7 @@ class Controller:
                 trial.after,
                 cheaper=trial.cheaper,
                 tie_band=self.tie_band,
-                between_var=self._between_var(),
+                between_var=self._between_var(trial.before, trial.after),
                 z=self.z,
             )
         verdict = "keep" if cmp is None else cmp.verdict
@@ -799,7 +813,6 @@ class Controller:
             # As measured as it will be: the estimate decides (within the band, the cheaper wins).
             verdict = "keep" if math.log1p(cmp.gain) > math.log1p(cmp.bar) else "revert"
         self._trial = None
-        self._learn_spread(trial.before)
         changes = trial.previous.diff(self.config)
         detail = ""
         if cmp is not None:
@@ -808,6 +821,7 @@ class Controller:
                 f"windows, bar {cmp.bar:+.0%})"
             )
         if verdict == "keep":
+            self._learn_spread(trial.before)
             self._history = list(trial.after)
             return Decision(
                 "keep",

@@ -27,7 +27,8 @@ class WindowMetrics:
     """The measurements of one window. Every field that needs a source is None without it.
 
     Attributes:
-        duration_s: Loop time covered: waiting plus computing (an epoch's first wait excluded).
+        duration_s: Loop time covered: waiting plus computing (an epoch's first wait excluded;
+            in a window that opened fresh, the gap before its first batch counted at the mean gap).
         batches: Batches consumed.
         samples: Samples consumed.
         samples_per_s: Consumption rate.
@@ -39,8 +40,10 @@ class WindowMetrics:
         rate_rel_stderr: Relative standard error of the rate: the measurement's own noise.
         loader_cpu_s_per_batch: CPU seconds spent loading one batch (in the training thread at
             ``num_workers=0``, in the workers otherwise).
-        loop_cpu_cores: CPUs the training loop itself keeps busy (its thread between batches
-            without workers; the whole training process with workers).
+        loop_cpu_cores: CPUs the training loop itself keeps busy, all of its threads (torch's
+            intra-op threads too): the training process less loadertune's own and pin-memory
+            threads, and without workers less the loading done in ``next()``; from the training
+            thread's clock alone where the host source is missing.
         loader_runqueue_s_per_batch: Seconds the workers waited for a CPU per batch (CPU
             contention, not I/O), where the host source reads it.
         epoch_start_wait_s: Mean wait for an epoch's first batch, when an epoch started.
@@ -117,21 +120,37 @@ def compute_metrics(loop: LoopWindow, ticks: SampleWindow | None, config: Loader
     # An epoch's first batch waits for workers to start: a separate finding (persistent_workers),
     # kept out of the steady-state wait share and rate.
     wait_s = max(0.0, loop.wait_s - loop.epoch_start_wait_s)
-    busy_s = wait_s + loop.compute_s
     batches = loop.batches
     steady = max(1, batches - loop.epoch_starts)
+    compute_s = loop.compute_s
+    if 0 < loop.gaps < steady:
+        # A window that opens fresh (the first, or the first after a warm-up discard) sees every
+        # steady batch's wait but not the gap before its first batch: one step would be missing
+        # from the time, reading a 10-batch window ~8% fast. Count that gap at the mean gap.
+        compute_s *= steady / loop.gaps
+    busy_s = wait_s + compute_s
     rate = samples_rate = 0.0
     if busy_s > 0:
-        rate = batches / busy_s
-        samples_rate = loop.samples / busy_s
+        # An epoch's first batch is timed apart (its wait is epoch_start_wait_s): its samples
+        # are left out of the steady rate as well.
+        rate = steady / busy_s if batches else 0.0
+        samples_rate = loop.samples * (steady / batches) / busy_s if batches else 0.0
     fields: dict[str, Any] = {}
     if ticks is not None and len(ticks):
         fields = _tick_fields(ticks)
     loader_cpu = runqueue = loop_cores = None
+    gaps = steady if 0 < loop.gaps < steady else loop.gaps
+    process_cores = fields["process_cpu_pct"] / 100.0 if fields.get("process_cpu_pct") is not None else None
     if config.num_workers == 0 and loop.loop_cpu_n and busy_s > 0:
-        loop_cores = loop.loop_cpu_s / loop.loop_cpu_n * loop.gaps / busy_s
-    elif fields.get("process_cpu_pct") is not None:
-        loop_cores = fields["process_cpu_pct"] / 100.0
+        loop_cores = loop.loop_cpu_s / loop.loop_cpu_n * gaps / busy_s
+        if process_cores is not None and loop.loader_cpu_n and batches:
+            # The training thread's clock misses torch's intra-op threads: the process's CPU
+            # (loadertune's own threads excluded by the host source) less the loading's is the
+            # loop's CPU at the process level. The larger of the two: both under-count.
+            loading_cores = loop.loader_cpu_s / loop.loader_cpu_n * steady / busy_s
+            loop_cores = max(loop_cores, process_cores - loading_cores)
+    elif process_cores is not None:
+        loop_cores = process_cores
     if batches and config.num_workers > 0 and fields.get("workers_runqueue_pct") is not None and busy_s > 0:
         runqueue = fields["workers_runqueue_pct"] / 100.0 * busy_s / batches
     if batches:
