@@ -122,7 +122,7 @@ def test_change_then_keep_when_throughput_rises():
     assert c.config.num_workers == 8
 
 
-def _decide_until_not_measuring(c, m, now_s, limit=20):
+def _decide_until_not_measuring(c, m, now_s, limit=60):
     """Feeds the same window until the controller stops measuring; returns (decision, windows)."""
     for i in range(1, limit + 1):
         d = c.decide(m, diagnose(m, c.config), now_s + i)
@@ -141,11 +141,11 @@ def test_revert_within_noise_sets_a_ceiling_and_converges():
     tried = d.config.num_workers
     m1 = metrics(samples_per_s=1630.0, wait_share=0.28)
     # +1.9% for more workers: inside the 3% band, so the cheaper configuration wins.
-    r, _ = _decide_until_not_measuring(c, m1, 100.0)
+    r, _ = _decide_until_not_measuring(c, m1, 200.0)
     assert r.action == "revert" and r.config == cfg
     assert c.ceiling_workers == tried and c.converged
     # Converged: holds even though waiting persists.
-    h = c.decide(m1, diagnose(m1, c.config), now_s=200.0)
+    h = c.decide(m1, diagnose(m1, c.config), now_s=400.0)
     assert h.action == "hold"
 
 
@@ -156,8 +156,8 @@ def test_a_noisy_window_does_not_decide_but_repeated_ones_do():
     assert d.action == "change"
     m1 = metrics(samples_per_s=1600 * 1.12, rate_rel_stderr=0.08)
     # +12% measured with 8% noise in one window: another window is needed.
-    assert c.decide(m1, diagnose(m1, c.config), now_s=50.0).action == "measure"
-    k, _ = _decide_until_not_measuring(c, m1, 60.0)
+    assert c.decide(m1, diagnose(m1, c.config), now_s=100.0).action == "measure"
+    k, _ = _decide_until_not_measuring(c, m1, 110.0)
     assert k.action == "keep" and k.after_samples_per_s == pytest.approx(1792.0)
 
 
@@ -227,7 +227,7 @@ def test_batch_growth_revert_restores_lr_and_caps_batch():
     m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
     d, _ = _decide_until_not_measuring(c, m, 0.0)
     assert d.action == "change" and d.config.batch_size == 128 and d.lr_factor == 4.0
-    r, _ = _decide_until_not_measuring(c, metrics(samples_per_s=1610.0), 50.0)
+    r, _ = _decide_until_not_measuring(c, metrics(samples_per_s=1610.0), 100.0)
     assert r.action == "revert" and r.config.batch_size == 32 and r.lr_factor == 0.25
     assert c.batch_ceiling == 32
 
