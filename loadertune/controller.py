@@ -41,6 +41,21 @@ _PRIOR_DOF = 4
 _OBVIOUS_GAIN = 0.5
 
 
+def _same_advice(a: Recommendation | None, b: Recommendation | None) -> bool:
+    """Whether two advices say the same thing (see ``same_recommendation``; "≥ N" covers more)."""
+    if a is _NO_ADVICE:
+        a = None
+    if b is _NO_ADVICE:
+        b = None
+    if a is None or b is None:
+        return a is b
+    if a.at_least and b.config.num_workers >= a.config.num_workers:
+        return a.config.replace(num_workers=b.config.num_workers, prefetch_factor=b.config.prefetch_factor) == b.config
+    if b.at_least and a.config.num_workers >= b.config.num_workers:
+        return b.config.replace(num_workers=a.config.num_workers, prefetch_factor=a.config.prefetch_factor) == a.config
+    return same_recommendation(a.config, b.config)
+
+
 def _changes(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k}={a}->{b}" for k, (a, b) in changes.items()) or "nothing"
 
@@ -140,6 +155,10 @@ class Recommendation:
         return out
 
 
+#: A pending "nothing to change" in recommend mode's hysteresis (None means no pending advice).
+_NO_ADVICE = Recommendation(config=LoaderConfig(), reason="")
+
+
 def estimate_workers(
     metrics: WindowMetrics, config: LoaderConfig, bounds: Bounds, known_load_s: float | None = None
 ) -> WorkerEstimate | None:
@@ -235,7 +254,7 @@ def plan(
     limit = hard if ceiling_workers is None else min(hard, ceiling_workers - 1)
     # The most any worker change can gain is the time the loop waits.
     potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
-    forced = False
+    forced = at_least = False
     if estimate is not None and estimate.ram_cap is not None and w > estimate.ram_cap:
         forced = True
         new = new.replace(num_workers=estimate.ram_cap)
@@ -252,6 +271,9 @@ def plan(
             new = new.replace(num_workers=target)
             speedup = _speedup(metrics, config, target, estimate)
             bound = "" if target == estimate.needed else f", capped by {estimate.limited_by}"
+            # The loop could take more than the cap allows: advise "≥ N", not a count that
+            # jumps about with each window's estimate above it.
+            at_least = estimate.needed > target and target == bounds.max_workers
             reason = (
                 f"one worker makes a batch in {estimate.load_s_per_batch * 1e3:.0f} ms and the loop "
                 f"takes {_per_s(estimate.demand_batches_per_s)} batches/s: about {estimate.needed} "
@@ -303,6 +325,7 @@ def plan(
         expected_speedup=speedup,
         changes=config.diff(new),
         forced=forced,
+        at_least=at_least and new.num_workers == bounds.max_workers,
     )
 
 
@@ -735,10 +758,13 @@ class Controller:
         """Recommend mode's advice for one window: ``plan`` with what this controller learned.
 
         Nothing changes the configuration; the load time measured without workers is
-        remembered, so later windows (run with the recommended workers) aim from it.
+        remembered, so later windows aim from it. The advice is stable: this returns the very
+        same object (or None again) until the advice really changes, which takes a different
+        advice in two windows in a row that agree with each other (worker counts within ~20%,
+        or both "≥ N" at the cap). A front end logs a line only when the object changes.
         """
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
-        return plan(
+        rec = plan(
             metrics,
             diagnosis,
             self.config,
@@ -747,6 +773,22 @@ class Controller:
             lr_exponent=self.lr_exponent,
             known_load_s=self.known_load_s,
         )
+        if self._advice_config != self.config:
+            # A new configuration (the user's reconfigure, a fault): advice starts over.
+            self._advice_config = self.config
+            self._advice = rec
+            self._pending = None
+            return rec
+        if _same_advice(self._advice, rec):
+            self._pending = None
+            return self._advice
+        if self._pending is not None and _same_advice(self._pending, rec):
+            self._advice = rec
+            self._pending = None
+            return rec
+        # One window's different advice may be noise: wait for the next to confirm it.
+        self._pending = rec if rec is not None else _NO_ADVICE
+        return self._advice
 
     def note_batch_bytes(self, batch_bytes: int) -> None:
         """Records the bytes of one collated batch: /dev/shm bounds the workers by it."""

@@ -283,3 +283,50 @@ def test_memory_growing_after_convergence_still_steps_down():
     grown = metrics(worker_mem_bytes=2 * GIB)  # now 12 GiB: over the budget
     d = c.decide(grown, diagnose(grown, c.config), 5.0)
     assert d.action == "change" and d.config.num_workers == 4
+
+
+def _advice(c, wait_s):
+    m = latency_bound_at_zero(wait_s_per_batch=wait_s)
+    return c.recommend(m, diagnose(m, c.config), allow_batch_size=False)
+
+
+def test_recommend_returns_the_same_advice_while_estimates_wobble():
+    c = _controller()
+    first = _advice(c, 0.128)
+    assert first.config.num_workers == 8
+    # Issue 13: 8 -> 16 -> 11 -> 16 -> 10 from one window to the next is noise, not new advice.
+    for wait in (0.3, 0.18, 0.3, 0.16, 0.12, 0.13):
+        assert _advice(c, wait) is first
+    # A different advice that two windows in a row agree on is a real change.
+    assert _advice(c, 0.05) is first
+    changed = _advice(c, 0.052)
+    assert changed is not first and changed.config.num_workers == 4
+    assert _advice(c, 0.05) is changed
+
+
+def test_recommend_at_the_cap_says_at_least_once():
+    c = _controller()
+    capped = _advice(c, 0.3)
+    assert capped.at_least and capped.config.num_workers == 16
+    assert "num_workers=0->≥16" in capped.describe()
+    # Estimates anywhere above the cap are the same "≥ 16".
+    for wait in (0.5, 0.3, 1.0, 0.4):
+        assert _advice(c, wait) is capped
+
+
+def test_recommend_starts_over_after_an_external_change():
+    c = _controller()
+    a = _advice(c, 0.128)
+    c.note_external_change(LoaderConfig(num_workers=2, batch_size=32))
+    m = latency_bound_at_zero(wait_share=0.5, batches_per_s=20)
+    b = c.recommend(m, diagnose(m, c.config), allow_batch_size=False)
+    assert b is not a
+
+
+def test_forced_step_down_needs_no_trial():
+    c = _controller(LoaderConfig(num_workers=6, batch_size=32))
+    m = metrics(worker_mem_bytes=2 * GIB)
+    d = c.decide(m, diagnose(m, c.config), 0.0)
+    assert d.action == "change" and d.config.num_workers == 4 and d.recommendation.forced
+    # The next window is an ordinary one: no keep/revert of a change a limit demanded.
+    assert c.decide(metrics(samples_per_s=800.0), diagnose(metrics(), c.config), 5.0).action == "hold"
