@@ -5,15 +5,15 @@ Each scenario trains until the first diagnosis and checks what a person would co
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import loadertune
 from loadertune.sim import SimulatedGpu
-from loadertune.sources.host import usable_cpus
+from loadertune.sources.host import HostSource, usable_cpus
 
 MIB = 2**20
 
@@ -43,15 +43,17 @@ class Burn(Latency):
         return torch.full((4,), float(i))
 
 
-def train_until_diagnosed(tuned, gpu, max_s=20.0):
-    start = time.monotonic()
+def train_until_diagnosed(tuned, gpu, max_batches=5000):
+    """Trains until the first diagnosis. Every step sleeps, so a window's seconds pass within a
+    bounded number of batches however fast the machine: the bound is in batches, not seconds."""
+    seen = 0
     while tuned.diagnosis is None:
         for batch in tuned:
             gpu.step(len(batch))
-            if tuned.diagnosis is not None or time.monotonic() - start > max_s:
+            seen += 1
+            if tuned.diagnosis is not None:
                 break
-        if time.monotonic() - start > max_s:
-            raise AssertionError("no diagnosis within the time limit")
+            assert seen < max_batches, "no diagnosis"
     return tuned.diagnosis, tuned.recommendation
 
 
@@ -92,30 +94,46 @@ def test_steady_forty_percent_with_free_memory_is_batch_headroom():
         assert rec is not None and rec.config.batch_size > 16 and rec.lr_factor is not None
 
 
+class OwnMachine(HostSource):
+    """The real host source, except that this job has the CPUs to itself.
+
+    On a shared machine other processes take CPU too, and the diagnosis rightly calls that
+    contention rather than CPU-bound loading; which one a run sees would depend on who else is
+    busy. The CPU figures are therefore those of a machine whose CPUs this job's burning workers
+    fill; everything else (worker pids, memory, /dev/shm) is read for real.
+    """
+
+    def read(self):
+        cpus = usable_cpus()
+        return dataclasses.replace(
+            super().read(), cpu_pct=100.0, usable_cpus=cpus, workers_cpu_pct=100.0 * cpus
+        )
+
+
 def test_cpu_bound_transforms_on_more_workers_than_cores_is_cpu_bound():
     cpus = usable_cpus()
     gpu = SimulatedGpu(step_time_s=0.002)
     workers = cpus + 2
     loader = DataLoader(Burn(100_000, 0.004), batch_size=8, num_workers=workers)
-    with loadertune.tune(loader, gpu=gpu, window_s=1.5) as t:
-        d, rec = train_until_diagnosed(t, gpu, max_s=30.0)
+    with loadertune.tune(loader, gpu=gpu, window_s=1.5, host=OwnMachine()) as t:
+        d, rec = train_until_diagnosed(t, gpu)
         assert d.kind == "cpu_bound", d.summary
         assert "more workers will not help" in d.summary
         assert rec is None or rec.config.num_workers <= cpus
 
 
-@pytest.mark.parametrize("start_workers", [0])
-def test_apply_mode_adds_workers_to_a_latency_bound_loader(start_workers):
+def test_apply_mode_adds_workers_to_a_latency_bound_loader():
     gpu = SimulatedGpu(step_time_s=0.02)
-    loader = DataLoader(Latency(100_000, 0.003), batch_size=16, num_workers=start_workers)
+    loader = DataLoader(Latency(100_000, 0.003), batch_size=16, num_workers=0)
     with loadertune.tune(loader, mode="apply", gpu=gpu, window_s=1.0) as t:
-        deadline = time.monotonic() + 8.0
-        for batch in t:
+        # Until the first change, not for a fixed time: each step sleeps 20 ms, so the first
+        # window's second is over within ~50 batches; 1000 only bounds a broken tuner.
+        for n, batch in enumerate(t, start=1):
             gpu.step(len(batch))
-            if time.monotonic() > deadline:
+            if t.rebuilds or n >= 1000:
                 break
-        kinds = [e.kind for e in t.events]
-        assert "change" in kinds
-        assert t.config.num_workers >= 3
         change = next(e for e in t.events if e.kind == "change")
         assert change.data["before"]["num_workers"] == 0 and change.data["after"]["num_workers"] >= 3
+        # The rebuilt loader is the one that runs: its batches keep coming.
+        assert t.config.num_workers == change.data["after"]["num_workers"]
+        assert len(next(iter(t))) == 16
