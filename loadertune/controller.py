@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loadertune.config import LoaderConfig
-from loadertune.diagnose import Diagnosis
+from loadertune.diagnose import Diagnosis, over_provisioned
 from loadertune.metrics import WindowMetrics
 
 __all__ = [
@@ -188,7 +188,7 @@ def estimate_workers(
     spare = max(1.0, bounds.usable_cpus - loop_cpu)
     if m.loader_cpu_s_per_batch is not None and m.loader_cpu_s_per_batch > 0:
         # Share of a core one busy worker uses: ~1 for CPU-bound loads, ~0 for I/O waits.
-        per_worker = min(1.0, m.loader_cpu_s_per_batch / load)
+        per_worker = max(1e-6, min(1.0, m.loader_cpu_s_per_batch / load))  # 1e-6: no overflow
         # Round, not floor: a loop using a tenth of a core should not cost a whole worker.
         cpu_cap = max(1, round(spare / per_worker))
         caps["cpu"] = cpu_cap
@@ -262,6 +262,13 @@ def plan(
             f"{w} workers of ~{metrics.worker_mem_bytes / 2**20:.0f} MiB each exceed the RAM budget; "
             f"{estimate.ram_cap} fit"
         )
+    elif kind not in ("cpu_bound", "memory_bound") and (fewer := over_provisioned(metrics, config)) is not None:
+        new = new.replace(num_workers=fewer)
+        reason = (
+            f"loading is CPU work and {w} workers on {bounds.usable_cpus} usable CPUs fight the "
+            f"training step for them; {fewer} leave it its share (a cheaper setting, kept unless "
+            "measured slower)"
+        )
     elif kind == "data_starved" and estimate is not None and potential >= min_gain:
         target = min(estimate.needed, limit)
         if target <= w and w < limit:
@@ -280,20 +287,14 @@ def plan(
                 f"workers keep up{bound}"
             )
     elif kind == "cpu_bound" and estimate is not None:
-        # Saturated CPUs: workers beyond the spare cores only queue for them (and the per-worker
-        # share measured under contention understates what one worker needs).
+        # This job saturates the CPUs with CPU-heavy loading: never more workers (the diagnosis
+        # says they will not help); workers beyond the spare cores only queue for them.
         cap = max(1, round(estimate.spare_cpus))
         if w > cap:
             new = new.replace(num_workers=cap)
             reason = (
                 f"the load is CPU-bound and {w} workers oversubscribe {bounds.usable_cpus} usable "
                 f"CPUs; {cap} do the same work with less contention"
-            )
-        elif w < min(cap, limit) and potential >= min_gain:
-            target = min(cap, limit)
-            new = new.replace(num_workers=target)
-            reason = (
-                f"the load is CPU-bound with {cap} spare CPUs and {w} workers: {target} keep them busy"
             )
     elif kind == "memory_bound" and w > 0:
         caps = [c for c in (estimate.ram_cap, estimate.shm_cap) if c is not None] if estimate else []

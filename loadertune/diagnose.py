@@ -22,7 +22,9 @@ __all__ = [
     "Environment",
     "Thresholds",
     "diagnose",
+    "job_cpu_cores",
     "loader_cpu_share",
+    "over_provisioned",
     "shm_needed_bytes",
 ]
 
@@ -182,7 +184,6 @@ def diagnose(
             level, why = "moderately", "GPU utilization jumps between busy and idle"
         elif jitter:
             why += " and GPU utilization jumps between busy and idle"
-        saturated = m.cpu_pct is not None and m.cpu_pct >= t.cpu_saturated_pct
         share = loader_cpu_share(m, config)
         cores = None
         if share is not None:
@@ -199,24 +200,39 @@ def diagnose(
         heavy = share is None or share >= t.loader_cpu_share_heavy or (
             m.usable_cpus is not None and cores is not None and cores >= t.loader_cpu_share_heavy * m.usable_cpus
         )
+        job = job_cpu_cores(m, config)
+        if job is not None and m.usable_cpus:
+            # Saturated by this job, not by the machine: other processes take CPU by fair share
+            # per thread, so while they hold part of the cores more workers win more of them.
+            saturated = job >= t.cpu_saturated_pct / 100.0 * m.usable_cpus
+            contended = not saturated and m.cpu_pct is not None and m.cpu_pct >= t.cpu_saturated_pct
+            ev.update(job_cpu_cores=round(job, 2))
+        else:
+            saturated = m.cpu_pct is not None and m.cpu_pct >= t.cpu_saturated_pct
+            contended = False
         if saturated and heavy:
+            busy = f"this job keeps {job:.1f} of them busy" if job is not None else f"they are {m.cpu_pct:.0f}% busy"
             return Diagnosis(
                 "cpu_bound",
-                f"CPU-bound input: {why}, but the {m.usable_cpus or '?'} usable CPUs are "
-                f"{m.cpu_pct:.0f}% busy (>= {t.cpu_saturated_pct:.0f}%), so more workers will not "
-                "help; make samples cheaper instead: lighter or cached transforms, pre-decoded "
-                "data, or decoding on the GPU.",
+                f"CPU-bound input: {why}, but loading is CPU work and the {m.usable_cpus or '?'} usable "
+                f"CPUs are saturated ({busy}), so more workers will not help; make samples cheaper "
+                "instead: lighter or cached transforms, pre-decoded data, or decoding on the GPU.",
                 ev,
                 advice,
             )
         cpu = ""
-        if saturated:
+        if contended and heavy:
+            cpu = (
+                f"; other processes keep the CPUs busy ({m.cpu_pct:.0f}% in all, this job "
+                f"{job:.1f} of {m.usable_cpus}), and workers win a share of them"
+            )
+        elif contended or (saturated and not heavy):
             cpu = f"; the CPUs are busy ({m.cpu_pct:.0f}%) but loading mostly waits on I/O"
         elif m.cpu_pct is not None:
             cpu = f" with CPU to spare ({m.cpu_pct:.0f}% busy)"
         return Diagnosis(
             "data_starved",
-            f"Data-starved ({level} input-bound): {why}{cpu}; more workers will feed it faster.",
+            f"Data-starved ({level} input-bound): {why}{cpu}.",
             ev,
             advice,
         )
@@ -245,6 +261,61 @@ def diagnose(
         ev,
         advice,
     )
+
+
+def job_cpu_cores(metrics: WindowMetrics, config: LoaderConfig) -> float | None:
+    """CPUs this job keeps busy: the training process (its loop and, without workers, its
+    loading) plus its workers; None without the process's or the workers' figure."""
+    m = metrics
+    if m.process_cpu_pct is None:
+        return None
+    cores = m.process_cpu_pct / 100.0
+    if config.num_workers > 0:
+        if m.workers_cpu_pct is not None:
+            cores += m.workers_cpu_pct / 100.0
+        elif m.loader_cpu_s_per_batch is not None:
+            cores += m.loader_cpu_s_per_batch * m.batches_per_s
+        else:
+            return None  # the workers' part is unknown
+    return cores
+
+
+def over_provisioned(
+    metrics: WindowMetrics, config: LoaderConfig, thresholds: Thresholds | None = None
+) -> int | None:
+    """Workers to step down to when CPU-heavy loading runs more workers than the CPUs.
+
+    Over-provisioned: more workers than usable CPUs, this job itself filling them (its process
+    and workers; the machine's busy share only where the job's is unknown: under another
+    process's load more workers win the job a larger share), and loading being CPU work (a
+    worker's own CPU and run-queue time, or the cores loading takes against those the training
+    loop leaves). Workers beyond the cores the loop leaves then only fight the training step.
+
+    Returns:
+        The worker count to try, or None when not over-provisioned (or unknown).
+    """
+    t = thresholds or Thresholds()
+    m = metrics
+    w = config.num_workers
+    if w == 0 or not m.usable_cpus or w <= m.usable_cpus:
+        return None
+    job = job_cpu_cores(m, config)
+    full = t.cpu_saturated_pct / 100.0 * m.usable_cpus
+    if job is not None:
+        if job < full:
+            return None
+    elif m.cpu_pct is None or m.cpu_pct < t.cpu_saturated_pct:
+        return None
+    loop = m.loop_cpu_cores or 0.0
+    share = loader_cpu_share(m, config)
+    loading = None if m.loader_cpu_s_per_batch is None else m.loader_cpu_s_per_batch * m.batches_per_s
+    heavy = (share is not None and share >= t.loader_cpu_share_heavy) or (
+        loading is not None and loading >= t.loader_cpu_share_heavy * max(0.0, m.usable_cpus - loop)
+    )
+    if not heavy and not (share is None and loading is None):
+        return None
+    spare = max(1, round(m.usable_cpus - loop))
+    return spare if spare < w else None
 
 
 def loader_cpu_share(metrics: WindowMetrics, config: LoaderConfig) -> float | None:
@@ -326,15 +397,12 @@ def _advice(m: WindowMetrics, config: LoaderConfig, env: Environment, t: Thresho
             "pin_memory=False while training on CUDA: host-to-device copies cannot overlap compute; "
             "set pin_memory=True (and .to(device, non_blocking=True))."
         )
-    if (
-        m.usable_cpus is not None
-        and config.num_workers > m.usable_cpus
-        and m.cpu_pct is not None
-        and m.cpu_pct >= t.cpu_saturated_pct
-    ):
+    fewer = over_provisioned(m, config, t)
+    if fewer is not None:
         out.append(
-            f"{config.num_workers} workers on {m.usable_cpus} usable CPUs with the CPUs saturated: "
-            f"the load is CPU-bound, so extra workers only add contention; use at most {m.usable_cpus}."
+            f"{config.num_workers} workers on {m.usable_cpus} usable CPUs for CPU-heavy loading: "
+            f"workers beyond the cores the training loop leaves only fight it for them; use at most "
+            f"{fewer}."
         )
     if env.has_conv and (env.cudnn_deterministic or env.cudnn_benchmark is False):
         flags = []

@@ -119,7 +119,11 @@ def test_busy_cores_do_not_make_an_io_bound_load_cpu_bound():
     d = diagnose(io, LoaderConfig(num_workers=0, batch_size=32))
     assert d.kind == "data_starved" and d.evidence["loader_cpu_share"] == pytest.approx(0.05)
     cpu = metrics(wait_share=0.6, wait_s_per_batch=0.1, cpu_pct=99.0, usable_cpus=2, loader_cpu_s_per_batch=0.09)
-    assert diagnose(cpu, LoaderConfig(num_workers=0, batch_size=32)).kind == "cpu_bound"
+    # Issue 13: CPU-heavy loading, but this job keeps only 1 of the 2 CPUs busy (others hold the
+    # rest): a worker wins a share of them, so it is not "CPU-bound, more workers will not help".
+    assert diagnose(cpu, LoaderConfig(num_workers=0, batch_size=32)).kind == "data_starved"
+    own = metrics(wait_share=0.6, wait_s_per_batch=0.1, cpu_pct=99.0, usable_cpus=2, loader_cpu_s_per_batch=0.09, process_cpu_pct=190.0)
+    assert diagnose(own, LoaderConfig(num_workers=0, batch_size=32)).kind == "cpu_bound"
 
 
 def test_thresholds_move_the_cut_points_and_show_in_the_evidence():
