@@ -15,13 +15,22 @@ included): the payloads are a few hundred bytes of CPU tensors, which gloo moves
 touching a CUDA stream, and a separate group keeps these collectives out of the training job's
 own ordering.
 
+Forking DataLoader workers: a worker is a ``fork()`` of the training process, and it inherits
+every object of that process but none of its threads (gloo's loop and worker threads among
+them). :func:`fork_guard` makes the moment of the fork safe: no loadertune collective in flight,
+no reference cycle left holding a gloo ``Work`` or a failed collective's frames, no cyclic garbage
+for the worker's collector to destroy, and the parent's objects frozen out of the worker's
+collector altogether. The code that builds iterators wraps ``iter(loader)`` in it.
+
 ``torch.distributed`` is imported only when a :class:`Collective` is built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import logging
 import math
@@ -30,8 +39,9 @@ import pickle
 import re
 import socket
 import time
+import traceback
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -40,7 +50,7 @@ import torch
 from loadertune.errors import DistributedTimeoutError
 from loadertune.metrics import WindowMetrics
 
-__all__ = ["Collective", "combine_metrics", "pack_metrics", "unpack_metrics"]
+__all__ = ["Collective", "combine_metrics", "fork_guard", "pack_metrics", "unpack_metrics"]
 
 logger = logging.getLogger("loadertune")
 
@@ -103,6 +113,8 @@ class Collective:
         self._broken: DistributedTimeoutError | None = None
         self._broken_summary = ""
         self._closed = False
+        # The Work of the collective being waited on; None between collectives (see quiesce).
+        self._pending: Any = None
         self._group, self._device = self._make_group()
         hosts = self._gather_hosts()
         self.local_world_size = _local_world_size(hosts, self.rank)
@@ -176,6 +188,30 @@ class Collective:
             return obj
         return pickle.loads(data.cpu().numpy().tobytes())
 
+    def quiesce(self) -> bool:
+        """Prepares this process for a ``fork()``: nothing of loadertune's group in flight.
+
+        Every collective is waited on before its method returns, so between calls no ``Work``
+        is outstanding and gloo's threads have nothing of loadertune's to do. This checks that
+        (a call from another thread, mid-collective, is the one way to break it) and releases
+        what a failed collective would otherwise keep: the frames of its traceback, which hold
+        the ``Work``, the tensors and this object in a reference cycle that a forked worker's
+        collector could be the one to destroy. No collective; cheap; idempotent.
+
+        Returns:
+            True when no collective is in flight, False when one is (a fork now is unsafe).
+        """
+        error: BaseException | None = self._broken
+        seen: set[int] = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            # A failure is final and already reported; its frames are of no further use.
+            if error.__traceback__ is not None:
+                traceback.clear_frames(error.__traceback__)
+                error.__traceback__ = None
+            error = error.__cause__ or error.__context__
+        return self._pending is None
+
     def close(self) -> None:
         """Releases the group's connections (idempotent; no collective)."""
         self._closed = True
@@ -242,7 +278,7 @@ class Collective:
         began = time.monotonic()
         work = None
         try:
-            work = start()
+            work = self._pending = start()
             done = work.wait(timeout=timedelta(seconds=self.timeout_s + _BACKSTOP_MARGIN_S))
             if done is False:
                 raise RuntimeError("Work.wait returned without completing")
@@ -253,8 +289,18 @@ class Collective:
             if work is None or work.is_completed():
                 # The backend finished failing: its connections are dead weight now, and leaving
                 # a failed gloo group to interpreter shutdown can abort the process.
+                self._pending = None
                 self.close()
+            # Else the Work stays in _pending (gloo's threads may still be on it) and quiesce()
+            # reports it. This frame drops its references before the traceback captures it.
+            work = start = None
             raise error from exc
+        else:
+            self._pending = None
+        finally:
+            # Drop the Work now rather than with this frame: a reference that lingers (a
+            # traceback, a debugger) must not carry gloo state into a forked worker.
+            work = None
 
     def _error(
         self, operation: str, step: int | None, waited_s: float, exc: BaseException
@@ -280,6 +326,51 @@ class Collective:
             "batches (evaluation or checkpointing on rank 0 only): then raise "
             "tune(..., dist_timeout_s=...)."
         )
+
+
+@contextlib.contextmanager
+def fork_guard(collective: Collective | None = None) -> Iterator[bool]:
+    """Wrap the call that forks DataLoader workers (``iter(loader)``) in this.
+
+    A forked worker has the parent's objects but only the forking thread. Anything the worker
+    destroys or touches that belongs to another thread (gloo's loop and worker threads hold
+    ``Work`` objects and the group's pairs) may abort or hang it. So, before the fork:
+
+    1. ``collective.quiesce()``: no loadertune collective in flight, no failed collective's
+       frames kept (a no-op without a collective).
+    2. ``gc.collect()``: no cyclic garbage left for the worker's collector to destroy there.
+    3. ``gc.freeze()``: every object alive at the fork moves to the permanent generation, so the
+       worker's collector never examines or frees the parent's objects (which also keeps their
+       pages shared, the copy-on-write pattern of pytorch issue 13246). After the fork the
+       parent unfreezes, so its own collection is unchanged; if the program had frozen objects
+       itself (``gc.get_freeze_count() > 0`` before), the parent is left frozen rather than
+       undo that.
+
+    Cost: one full collection per fork point (about 70 ms in a process with torch imported and
+    170 000 objects, measured on the 2-core test machine); fork points are epoch starts and
+    rebuilds, not batches.
+
+    Args:
+        collective: The run's :class:`Collective`, or None outside ``torch.distributed``.
+
+    Yields:
+        True when the process was quiet (safe to fork), False when a collective was in flight:
+        a caller on another thread than the training loop's, which should not happen.
+    """
+    quiet = collective.quiesce() if collective is not None else True
+    if not quiet:
+        logger.warning(
+            "loadertune: forking DataLoader workers while one of loadertune's collectives is in "
+            "flight; the workers may abort at exit"
+        )
+    gc.collect()
+    user_frozen = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        yield quiet
+    finally:
+        if not user_frozen:
+            gc.unfreeze()
 
 
 # -- metrics over ranks (pure) -------------------------------------------------------------------

@@ -245,6 +245,45 @@ def _train_apply(rank: int, tmp: Path, n: int, epochs: int) -> dict:
     return out
 
 
+def _rebuild_loop(rank: int, tmp: Path, rebuilds: int) -> dict:
+    """Issue 19's shape, rebuild after rebuild: loadertune's collectives at every decision, an
+    all_reduce at every step, and DataLoader workers forked and shut down each time."""
+    from loadertune.distributed import Collective, fork_guard
+    from loadertune.shutdown import shutdown_loader
+
+    # A worker's "terminate called ..." goes to the fd 2 it inherits: keep it for the parent.
+    err = os.open(tmp / f"stderr{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    collective = Collective(timeout_s=20)
+    ds = _Samples(256, 0.0)
+    grad = torch.ones(4)
+    exits: list[int | None] = []
+    quiet: list[bool] = []
+    for k in range(rebuilds):
+        row = _metrics(wait_share=0.1 * rank, samples_per_s=100.0, stderr=0.01)
+        collective.reduce_metrics(row, step=k)
+        config = collective.broadcast(LoaderConfig(1 + k % 2, 8 * (1 + k % 3)), step=k)
+        collective.max_int(k, step=k)
+        loader = DataLoader(
+            ds,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers + 1,
+            sampler=DistributedSampler(ds, shuffle=True, seed=k),
+            persistent_workers=k % 2 == 0,
+        )
+        with fork_guard(collective) as ok:
+            it = iter(loader)
+        quiet.append(ok)
+        workers = list(it._workers)
+        for _ in range(3):
+            next(it)
+            dist.all_reduce(grad)
+        shutdown_loader(loader, it)
+        exits.extend(w.exitcode for w in workers)
+    collective.close()
+    return {"exits": exits, "quiet": quiet}
+
+
 def _rank_lost(rank: int, tmp: Path, how: str, at_step: int, timeout_s: float) -> dict:
     import loadertune
 
@@ -493,6 +532,54 @@ def test_stalled_rank_times_out_within_the_bound(tmp_path: Path) -> None:
     # The stalled rank, once back, fails at its next collective instead of hanging there.
     assert not r1["ok"] and r1["error_type"] == "DistributedTimeoutError", r1
     assert "rank 1 of 2" in r1["message"]
+
+
+_REBUILDS = 24
+
+
+def test_rebuilds_under_a_process_group_never_abort_a_worker(tmp_path: Path) -> None:
+    # Issue 19: workers forked from a rank that uses loadertune's gloo group aborted at exit
+    # ("terminate called without an active exception", SIGABRT), and one abort inside a
+    # rebuild's shutdown killed the rank. Every worker here must exit with code 0, silently.
+    r0, r1 = _launch(_rebuild_loop, tmp_path, _REBUILDS, deadline_s=90.0)
+    assert r0["ok"] and r1["ok"], (r0.get("traceback"), r1.get("traceback"))
+    for rank, r in enumerate((r0, r1)):
+        assert r["quiet"] == [True] * _REBUILDS
+        assert len(r["exits"]) >= 2 * _REBUILDS
+        assert set(r["exits"]) == {0}, r["exits"]
+        err = (tmp_path / f"stderr{rank}.txt").read_text()
+        assert "terminate called" not in err and "Aborted" not in err, err[-2000:]
+
+
+def test_quiesce_drops_a_failed_collectives_frames() -> None:
+    from loadertune.distributed import Collective
+
+    c = Collective.__new__(Collective)  # no process group needed for this bookkeeping
+    c._pending = None
+    try:
+        try:
+            raise ConnectionError("Connection closed by peer")
+        except ConnectionError as exc:
+            raise DistributedTimeoutError("rank 0 lost the connection") from exc
+    except DistributedTimeoutError as error:
+        c._broken = error
+    assert c._broken.__traceback__ is not None and c._broken.__cause__.__traceback__ is not None
+    assert c.quiesce() is True
+    assert c._broken.__traceback__ is None and c._broken.__cause__.__traceback__ is None
+    c._pending = object()  # a Work still in flight
+    assert c.quiesce() is False
+
+
+def test_fork_guard_restores_the_collector() -> None:
+    import gc
+
+    from loadertune.distributed import fork_guard
+
+    before = gc.get_freeze_count()
+    assert before == 0  # nothing in the suite freezes objects for good
+    with fork_guard() as quiet:
+        assert quiet is True and gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_distributed_timeout_error_is_a_runtime_error() -> None:

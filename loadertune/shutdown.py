@@ -1,0 +1,144 @@
+"""Stopping an old DataLoader's workers without letting their deaths reach the training loop.
+
+When loadertune replaces a loader (a rebuild, the end of a hand-over, a recovery, ``close()``),
+the old iterator's workers are no longer anyone's business: the batches they still hold have
+been re-queued or drained. torch's own ``_shutdown_workers()`` stops them, but it keeps the
+workers registered with torch's SIGCHLD handler (``torch.utils.data._utils.signal_handling``)
+until its ``finally`` block, that is, through every ``w.join``. A worker that dies abnormally in
+that window (SIGABRT from a C++ ``std::terminate`` at exit, an out-of-memory SIGKILL) makes the
+handler raise ``RuntimeError: DataLoader worker (pid ...) is killed by signal`` in the main thread,
+inside the join, and the training run ends over a process it was discarding anyway.
+
+:func:`shutdown_loader` unregisters the workers from the handler first, then shuts them down;
+any worker that has not exited after torch's bounded joins is terminated, then killed, and
+reaped, so no process is left behind. Abnormal exits are logged, never raised. Workers of other
+iterators (the new loader's) stay registered, so their deaths are still reported as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from typing import Any
+
+__all__ = ["shutdown_loader"]
+
+logger = logging.getLogger("loadertune")
+
+# Seconds to wait for a worker after SIGTERM, then after SIGKILL. torch has already waited its
+# MP_STATUS_CHECK_INTERVAL (5 s) for a clean exit before it sends SIGTERM.
+_TERM_WAIT_S = 2.0
+_KILL_WAIT_S = 5.0
+# How torch's SIGCHLD handler and iterator name dead workers.
+_WORKER_PIDS = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\)")
+
+
+def shutdown_loader(loader: Any, iterator: Any) -> None:
+    """Stops the workers of a DataLoader iterator now; a worker's death never raises here.
+
+    Shuts down ``iterator`` and, for ``persistent_workers=True``, the iterator the DataLoader
+    caches on ``loader._iterator`` (then clears that attribute so the loader cannot hand it out
+    again). Iterators without workers are left alone. Safe to call more than once.
+
+    Args:
+        loader: The ``DataLoader`` the iterator came from, or None.
+        iterator: The iterator to stop (``iter(loader)``), or None.
+    """
+    iterators = [iterator]
+    cached = getattr(loader, "_iterator", None) if loader is not None else None
+    if cached is not None:
+        iterators.append(cached)
+        # Cleared first: whatever happens below, the loader must not reuse a stopped iterator.
+        loader._iterator = None
+    seen: set[int] = set()
+    for it in iterators:
+        if it is None or id(it) in seen:
+            continue
+        seen.add(id(it))
+        _shutdown_iterator(it)
+
+
+def _shutdown_iterator(it: Any) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:
+        return  # a single-process iterator: no workers
+    from torch.utils.data import _utils
+
+    if _utils.python_exit_status is not False:
+        shutdown()  # interpreter exit: torch's own no-op, and multiprocessing reaps daemons
+        return
+    _unregister(it)
+    workers = list(getattr(it, "_workers", None) or [])
+    try:
+        shutdown()
+    except RuntimeError as exc:
+        if _names_other_workers(exc, workers):
+            # A worker of a loader still in use (the new one) died: that is the caller's news.
+            raise
+        logger.warning("loadertune: shutting down old DataLoader workers: %s (ignored)", exc)
+    except Exception as exc:
+        # Its pids unregistered, torch's handler cannot raise for these workers; what is left (a
+        # queue broken by a worker that died mid-write) concerns only workers being discarded.
+        logger.warning("loadertune: shutting down old DataLoader workers: %r (ignored)", exc)
+    finally:
+        _reap(workers)
+    for w in workers:
+        code = w.exitcode
+        if code not in (0, None):
+            logger.warning(
+                "loadertune: old DataLoader worker (pid %s) %s during shutdown (ignored: its "
+                "batches were no longer needed)",
+                w.pid,
+                _describe_exit(code),
+            )
+
+
+def _names_other_workers(exc: BaseException, workers: list[Any]) -> bool:
+    """Whether ``exc`` reports the death of a worker that is not one of ``workers``."""
+    match = _WORKER_PIDS.search(str(exc))
+    if match is None:
+        return False
+    pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
+    return bool(pids - {w.pid for w in workers})
+
+
+def _unregister(it: Any) -> None:
+    """Removes the iterator's workers from torch's SIGCHLD check, as torch would at the end."""
+    if not getattr(it, "_worker_pids_set", False):
+        return
+    from torch.utils.data import _utils
+
+    try:
+        _utils.signal_handling._remove_worker_pids(id(it))
+    except Exception:  # not registered after all (torch raises ValueError): nothing to remove
+        logger.debug("removing DataLoader worker pids failed", exc_info=True)
+    # torch's own shutdown then skips its removal (which would raise for an unknown id).
+    it._worker_pids_set = False
+
+
+def _reap(workers: list[Any]) -> None:
+    """Joins every worker; one still running is terminated, then killed, so none is leaked."""
+    for w in workers:
+        try:
+            if w.is_alive():
+                w.terminate()
+                w.join(_TERM_WAIT_S)
+            if w.is_alive():
+                w.kill()
+                w.join(_KILL_WAIT_S)
+            if w.exitcode is None:
+                logger.warning("loadertune: DataLoader worker (pid %s) survived SIGKILL", w.pid)
+        except (OSError, ValueError, AssertionError) as exc:
+            # A closed Process object (ValueError) or one this process did not start
+            # (AssertionError, after a fork): nothing more can be done from here.
+            logger.debug("reaping DataLoader worker %s: %r", getattr(w, "pid", "?"), exc)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
