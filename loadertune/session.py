@@ -396,7 +396,9 @@ class TuningSession:
         return f"{self.name}: " if self.name else ""
 
     def _tally(self, loop: LoopWindow) -> None:
-        busy = loop.wait_s + loop.compute_s
+        # A window that opened fresh has no gap before its first batch: count it at the mean gap.
+        compute = loop.compute_s * loop.batches / loop.gaps if loop.gaps else loop.compute_s
+        busy = loop.wait_s + compute
         for tally in ((self._first,) if not self._changes else ()) + (self._since_change,):
             tally.add(loop.samples, busy)
 

@@ -1,0 +1,233 @@
+"""The tuning session: one decision path for every front end.
+
+Windows are scripted (``compute_metrics`` replaced by a function of the configuration in use), so
+the decisions depend on what was measured, never on how fast this machine ran the test.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import loadertune
+from loadertune.config import LoaderConfig
+from loadertune.options import TuneOptions
+from loadertune.session import TuningSession
+from tests._factories import metrics
+
+MIB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"gpu": None, "host": None, "window_s": 1e-6, "min_window_batches": 2}
+
+
+def starved(config: LoaderConfig, *, batch: int = 4, shm_free: int | None = None) -> Any:
+    """A latency-bound load: one worker needs 40 ms a batch, the step 10 ms, I/O not CPU."""
+    w = config.num_workers
+    load, compute = 0.04, 0.01
+    bps = min(1 / compute, w / load) if w else 1 / (load + compute)
+    wait = max(0.0, 1 / bps - compute)
+    return metrics(
+        batches=20,
+        samples=20 * batch,
+        batches_per_s=bps,
+        samples_per_s=bps * batch,
+        wait_share=wait * bps,
+        wait_s_per_batch=wait,
+        compute_s_per_batch=compute,
+        rate_rel_stderr=0.01,
+        loader_cpu_s_per_batch=0.001,
+        gpu_util_mean_pct=None,
+        gpu_util_std_pct=None,
+        gpu_idle_share=None,
+        gpu_mem_used_bytes=None,
+        gpu_mem_total_bytes=None,
+        cpu_pct=20.0,
+        usable_cpus=2,
+        shm_free_bytes=shm_free if shm_free is not None else 16 * 2**30,
+        shm_total_bytes=shm_free if shm_free is not None else 16 * 2**30,
+    )
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> list[LoaderConfig]:
+    """Replaces the window's measurement by ``starved(config)``; records the configs measured."""
+    seen: list[LoaderConfig] = []
+
+    def compute(loop: Any, ticks: Any, config: LoaderConfig) -> Any:
+        seen.append(config)
+        return starved(config)
+
+    monkeypatch.setattr("loadertune.session.compute_metrics", compute)
+    return seen
+
+
+class FakeTrainer:
+    """What the callback reads of a Lightning Trainer."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.train_dataloader = loader
+        self.global_step = 0
+        self.current_epoch = 0
+        self.optimizers: list[Any] = []
+        self.loggers: list[Any] = []
+        self.world_size = 1
+        self.global_rank = 0
+
+
+def drive_callback(callback: Any, loader: DataLoader, epochs: int, batches: int) -> FakeTrainer:
+    trainer = FakeTrainer(loader)
+    module = torch.nn.Linear(1, 1)
+    callback.on_train_start(trainer, module)
+    batch = torch.zeros(4, 1)
+    for epoch in range(epochs):
+        trainer.current_epoch = epoch
+        callback.on_train_epoch_start(trainer, module)
+        for i in range(batches):
+            callback.on_train_batch_start(trainer, module, batch, i)
+            callback.on_train_batch_end(trainer, module, None, batch, i)
+            trainer.global_step += 1
+    callback.on_train_end(trainer, module)
+    return trainer
+
+
+def decisions(events: list[Any]) -> list[tuple[str, int]]:
+    return [(e.kind, e.data["after"]["num_workers"]) for e in events if e.kind in ("change", "revert")]
+
+
+def test_recommend_mode_gives_the_same_advice_through_both_front_ends(scripted: list[LoaderConfig]) -> None:
+    pytest.importorskip("pytorch_lightning")
+    from loadertune.integrations.lightning import LoadertuneCallback
+
+    with loadertune.tune(DataLoader(TensorDataset(torch.zeros(80, 1)), batch_size=4), mode="recommend", **FAST) as t:
+        for _ in t:
+            pass
+        tuned_recs = [e.data["recommendation"]["config"] for e in t.events if e.kind == "recommendation"]
+    callback = LoadertuneCallback(mode="recommend", **FAST)
+    drive_callback(callback, DataLoader(TensorDataset(torch.zeros(80, 1)), batch_size=4), 1, 20)
+    callback_recs = [e.data["recommendation"]["config"] for e in callback.events if e.kind == "recommendation"]
+    assert tuned_recs and tuned_recs[0]["num_workers"] > 0
+    assert callback_recs == tuned_recs
+    # One line per piece of advice: the same window repeated does not repeat it.
+    assert len(tuned_recs) == 1
+
+
+def test_apply_mode_takes_the_same_decisions_through_both_front_ends(scripted: list[LoaderConfig]) -> None:
+    pytest.importorskip("pytorch_lightning")
+    from loadertune.integrations.lightning import LoadertuneCallback
+
+    with loadertune.tune(DataLoader(TensorDataset(torch.zeros(400, 1)), batch_size=4), mode="apply", **FAST) as t:
+        for _ in t:
+            pass
+        tuned = decisions(t.events)
+    callback = LoadertuneCallback(mode="apply", **FAST)
+    # Lightning changes workers at epoch boundaries: an epoch per window, so every decision
+    # the callback takes is carried out before the next window.
+    drive_callback(callback, DataLoader(TensorDataset(torch.zeros(400, 1)), batch_size=4), 8, 12)
+    through_callback = decisions(callback.events)
+    assert tuned and tuned[0][0] == "change" and tuned[0][1] > 0
+    n = min(len(tuned), len(through_callback))
+    assert n >= 1
+    assert through_callback[:n] == tuned[:n]
+
+
+def test_apply_mode_bounds_workers_by_a_small_dev_shm(monkeypatch: pytest.MonkeyPatch) -> None:
+    shm_free = 64 * MIB
+    measured: list[LoaderConfig] = []
+
+    def compute(loop: Any, ticks: Any, config: LoaderConfig) -> Any:
+        measured.append(config)
+        return starved(config, batch=2, shm_free=shm_free)
+
+    monkeypatch.setattr("loadertune.session.compute_metrics", compute)
+    # 2 samples of 2 MiB each: 4 MiB a batch in /dev/shm.
+    data = TensorDataset(torch.zeros(64, 512, 1024))
+    with loadertune.tune(DataLoader(data, batch_size=2), mode="apply", **FAST) as t:
+        for _ in t:
+            pass
+        changes = [e for e in t.events if e.kind == "change"]
+    assert changes, [e.kind for e in t.events]
+    batch_bytes = 2 * 512 * 1024 * 4
+    for e in changes:
+        after = e.data["after"]
+        in_flight = after["num_workers"] * (after["prefetch_factor"] or 0) * batch_bytes
+        # Unbounded, the rates alone call for 5 workers (4 x 2 x 4 MiB = 40 MiB > half of 64 MiB).
+        assert in_flight <= 0.5 * shm_free, after
+
+
+def test_the_callback_builds_no_decision_path_of_its_own() -> None:
+    source = (ROOT / "loadertune" / "integrations" / "lightning.py").read_text()
+    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
+    for forbidden in ("Controller", "Sampler", "EventLog", "diagnose", "plan", "compute_metrics", "LoopTimer"):
+        assert forbidden not in names, forbidden
+
+
+def test_advice_is_logged_once_as_a_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def compute(loop: Any, ticks: Any, config: LoaderConfig) -> Any:
+        # 4 workers without persistence, each epoch starting with a 1.5 s stall.
+        return metrics(epoch_start_wait_s=1.5 + 0.1 * loop.batches, wait_s_per_batch=0.001)
+
+    monkeypatch.setattr("loadertune.session.compute_metrics", compute)
+    session = TuningSession(TuneOptions(**FAST), LoaderConfig(num_workers=4, batch_size=4), batch_resizable=True)
+    caplog.set_level(logging.WARNING, logger="loadertune")
+    try:
+        session.epoch_started(0.0, 0)
+        for step in range(1, 9):
+            session.record(step - 1.0, step - 0.5, 4, None, step=step, epoch=0, config=LoaderConfig(num_workers=4, batch_size=4))
+    finally:
+        session.close(step=8, epoch=0, epochs=1, config=LoaderConfig(num_workers=4, batch_size=4))
+    stalls = [r for r in caplog.records if "persistent_workers=True" in r.getMessage()]
+    assert len(stalls) == 1 and stalls[0].levelno == logging.WARNING
+
+
+def test_summary_rates_come_from_the_loops_own_timings() -> None:
+    session = TuningSession(TuneOptions(gpu=None, host=None, window_s=100.0), LoaderConfig(batch_size=8), batch_resizable=True)
+    config = LoaderConfig(batch_size=8)
+    session.epoch_started(0.0, 0)
+    # 10 batches of 8 samples, one every 0.1 s: 80 samples/s, and no window ever closed.
+    for step in range(1, 11):
+        session.record(0.1 * (step - 1) + 0.05, 0.1 * step, 8, None, step=step, epoch=0, config=config)
+    summary = session.close(step=10, epoch=0, epochs=1, config=config)
+    assert summary["first_samples_per_s"] == pytest.approx(80.0)
+    assert summary["last_samples_per_s"] == pytest.approx(80.0)
+    assert "; 80 samples/s" in summary["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_never_closes_still_writes_its_summary(tmp_path: Path) -> None:
+    log = tmp_path / "run.jsonl"
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+            from torch.utils.data import DataLoader, TensorDataset
+            import loadertune
+
+            loader = loadertune.tune(
+                DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=4),
+                gpu=None, host=None, log_file={str(log)!r},
+            )
+            for epoch in range(2):
+                for batch in loader:
+                    pass
+            # no close(): most training scripts never call it
+            """
+        )
+    )
+    r = subprocess.run([sys.executable, "-W", "error::ResourceWarning", str(script)], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr
+    kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
+    assert kinds[0] == "start" and kinds[-1] == "summary"
+    summary = json.loads(log.read_text().splitlines()[-1])
+    assert "32 batches in 2 epoch(s)" in summary["text"]
