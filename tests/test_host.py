@@ -302,3 +302,48 @@ def test_bad_pss_interval(bad: object) -> None:
 def test_bad_worker_pids(bad: list) -> None:
     with pytest.raises(ValueError, match="pid"):
         HostSource().set_worker_pids(bad)
+
+
+def test_loop_cpu_clock_leaves_out_loadertune_and_pin_memory_threads():
+    """Issue 13: the loop's CPU is the process's, less loadertune's own threads (scripted clocks)."""
+    clock = {"process": 10.0, 7: 1.0, 8: 0.5}
+    loop = host.LoopCpuClock(
+        process_time=lambda: clock["process"],
+        threads=lambda: {tid: "loadertune-sampler" for tid in (7, 8) if tid in clock},
+        thread_cpu=lambda tid: clock.get(tid),
+        refresh_s=0.0,
+    )
+    start = loop()
+    # 3 s of process CPU, 0.5 s of it the sampler's and 0.25 s a pin-memory thread's.
+    clock.update(process=13.0)
+    clock[7] += 0.5
+    clock[8] += 0.25
+    assert loop() - start == pytest.approx(2.25)
+    # A thread that ends keeps its CPU out of the loop's time; the clock never steps back.
+    del clock[8]
+    clock["process"] += 1.0
+    assert loop() - start == pytest.approx(3.25)
+
+
+def test_excluded_threads_by_name_and_pin_memory_target():
+    import threading
+    import types
+
+    def _pin_memory_loop():
+        pass
+
+    own = types.SimpleNamespace(name="loadertune-sampler", native_id=11, _target=None)
+    pin = types.SimpleNamespace(name="Thread-3", native_id=12, _target=_pin_memory_loop)
+    user = types.SimpleNamespace(name="MainThread", native_id=13, _target=None)
+    assert host.excluded_threads([own, pin, user]) == {11: "loadertune-sampler", 12: "Thread-3"}
+    assert threading.get_native_id() not in host.excluded_threads()
+
+
+def test_thread_cpu_reads_proc_stat_with_a_tricky_name(tmp_path):
+    task = tmp_path / "task" / "42"
+    task.mkdir(parents=True)
+    # utime 150 and stime 50 ticks (fields 14 and 15); the name holds ') ' to mislead a split.
+    fields = ["S"] + ["0"] * 10 + ["150", "50"] + ["0"] * 30
+    (task / "stat").write_text("42 (we) ird) " + " ".join(fields) + "\n")
+    assert host.thread_cpu_s(42, proc_root=tmp_path) == pytest.approx(200 / host._CLK_TCK)
+    assert host.thread_cpu_s(43, proc_root=tmp_path) is None

@@ -20,7 +20,7 @@ import psutil
 from loadertune.sources import cgroup
 from loadertune.sources.base import HostReading
 
-__all__ = ["HostSource", "shm_bytes", "usable_cpus"]
+__all__ = ["HostSource", "LoopCpuClock", "excluded_threads", "shm_bytes", "thread_cpu_s", "usable_cpus"]
 
 _log = logging.getLogger("loadertune")
 _T = TypeVar("_T")
@@ -126,6 +126,109 @@ def _child_pids(pid: int) -> set[int]:
             return set()
 
 
+#: Threads whose names start with this are loadertune's own (the sampler, hand-over drains).
+OWN_THREAD_PREFIX = "loadertune"
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def excluded_threads(threads: Iterable[threading.Thread] | None = None) -> dict[int, str]:
+    """Native ids of the threads whose CPU is not the training loop's, with their names.
+
+    loadertune's own threads (named ``loadertune…``) and DataLoader pin-memory threads (torch
+    leaves them unnamed; they are recognised by their target, ``_pin_memory_loop``). The rest
+    of the process (the training thread, torch's intra-op pool, the user's threads) is the loop.
+
+    Args:
+        threads: Threads to look at; every live Python thread by default.
+    """
+    out: dict[int, str] = {}
+    for t in threading.enumerate() if threads is None else threads:
+        tid = getattr(t, "native_id", None)
+        if tid is None:
+            continue
+        target = getattr(t, "_target", None)  # deleted once a thread's run() returns
+        if t.name.startswith(OWN_THREAD_PREFIX) or getattr(target, "__name__", "") == "_pin_memory_loop":
+            out[tid] = t.name
+    return out
+
+
+def thread_cpu_s(tid: int, *, proc_root: str | os.PathLike[str] = "/proc/self") -> float | None:
+    """CPU seconds (user + system) one thread of this process has used; None when unreadable.
+
+    Args:
+        tid: The thread's native id.
+        proc_root: The process's /proc directory.
+    """
+    try:
+        with open(f"{os.fspath(proc_root)}/task/{tid}/stat", encoding="ascii") as fh:
+            text = fh.read()
+        # The name (field 2) may hold spaces and parentheses: fields count from the last ')'.
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LoopCpuClock:
+    """CPU seconds of the training process outside loadertune's and pin-memory threads.
+
+    A drop-in for ``time.thread_time()`` when timing the training loop: the training thread's
+    clock misses torch's intra-op threads, so a step that keeps two cores busy read as one.
+    ``time.process_time()`` covers every thread; the excluded threads' /proc counters (10 ms
+    ticks) are subtracted. Calls cost a few microseconds per excluded thread: time a sample of
+    batches, as the front ends do.
+
+    Args:
+        process_time: The process CPU clock (injectable for tests).
+        threads: Returns the threads to exclude as ``{native_id: name}``.
+        thread_cpu: Returns one thread's CPU seconds, None when it is gone.
+        refresh_s: Least process-CPU seconds between two listings of the threads.
+    """
+
+    def __init__(
+        self,
+        *,
+        process_time: Callable[[], float] = time.process_time,
+        threads: Callable[[], dict[int, str]] = excluded_threads,
+        thread_cpu: Callable[[int], float | None] = thread_cpu_s,
+        refresh_s: float = 0.5,
+    ) -> None:
+        self._process_time = process_time
+        self._threads = threads
+        self._thread_cpu = thread_cpu
+        self._refresh_s = refresh_s
+        self._tids: dict[int, str] = {}
+        self._listed_at = -math.inf
+        # CPU of excluded threads that have ended: still inside process_time(), never the loop's.
+        self._gone_s = 0.0
+        self._last: dict[int, float] = {}
+        self._base: dict[int, float] = {}
+
+    def __call__(self) -> float:
+        """CPU seconds of the loop's threads since the process started (monotonic)."""
+        now = self._process_time()
+        if now - self._listed_at >= self._refresh_s:
+            self._listed_at = now
+            self._tids = self._threads()
+        for tid in list(self._last):
+            if tid not in self._tids:
+                # Gone (or no longer excluded): keep what it used out of the loop's time.
+                self._gone_s += self._last.pop(tid) - self._base.pop(tid)
+        excluded = self._gone_s
+        for tid in self._tids:
+            cpu = self._thread_cpu(tid)
+            if cpu is None:
+                cpu = self._last.get(tid)
+                if cpu is None:
+                    continue
+            # Only what a thread uses from first sight on is subtracted, so the clock never
+            # steps back when a thread starts being excluded.
+            self._base.setdefault(tid, cpu)
+            self._last[tid] = cpu
+            excluded += cpu - self._base[tid]
+        return max(0.0, now - excluded)
+
+
 class HostSource:
     """Reads the host and this process's DataLoader workers; cheap enough for ~10 reads/s.
 
@@ -182,6 +285,7 @@ class HostSource:
         self._workers_pss_bytes: int | None = None
         self._me = psutil.Process()
         self._me.cpu_percent(None)  # baseline for the first read
+        self._own_cpu: dict[int, tuple[float, float]] = {}
         self._cpu_times: Sequence[Any] | None = self._guard("cpu_times", _percpu_times)
 
     @property
@@ -244,7 +348,7 @@ class HostSource:
             return HostReading(
                 cpu_pct=None if not per_core else sum(per_core) / len(per_core),
                 cpu_per_core_pct=per_core,
-                process_cpu_pct=self._guard("process_cpu_pct", self._me.cpu_percent, None),
+                process_cpu_pct=self._guard("process_cpu_pct", self._loop_process_pct),
                 workers_cpu_pct=workers_cpu,
                 workers_runqueue_pct=runqueue,
                 worker_count=len(self._workers),
@@ -303,6 +407,27 @@ class HostSource:
         if any(s is None for s in shares):
             return None  # too little time since the previous reading to measure
         return tuple(s for s in shares if s is not None)
+
+    def _loop_process_pct(self) -> float:
+        """This process's CPU, in percent of one core, less loadertune's and pin-memory threads.
+
+        What the training loop keeps busy with all of its threads (torch's intra-op ones too);
+        the sampler reading this and the pin-memory copies are not the loop's work.
+        """
+        total = self._me.cpu_percent(None)
+        now = time.monotonic()
+        own = 0.0
+        seen: dict[int, tuple[float, float]] = {}
+        for tid in excluded_threads():
+            cpu = thread_cpu_s(tid)
+            if cpu is None:
+                continue
+            seen[tid] = (cpu, now)
+            before = self._own_cpu.get(tid)
+            if before is not None and now > before[1]:
+                own += (cpu - before[0]) / (now - before[1]) * 100.0
+        self._own_cpu = seen
+        return max(0.0, total - own)
 
     def _process_rss(self) -> int:
         return self._me.memory_info().rss
