@@ -791,6 +791,49 @@ class Controller:
         self._pending = rec if rec is not None else _NO_ADVICE
         return self._advice
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this controller has learned, as plain data (for a checkpoint).
+
+        A trial under way is not saved: the configuration saved is the last one kept (the
+        trial's starting point), so a resumed run never starts from an unproven change.
+        """
+        settled = self._trial.previous if self._trial is not None else self.config
+        return {
+            "config": settled.to_dict(),
+            "ceiling_workers": self.ceiling_workers,
+            "batch_ceiling": self.batch_ceiling,
+            "known_load_s": self.known_load_s,
+            "converged": self.converged and self._trial is None,
+            "reference_rate": self._reference_rate,
+            "reference_wait": self._reference_wait,
+            "spread_ss": self._spread_ss,
+            "spread_dof": self._spread_dof,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Takes back what :meth:`state_dict` saved (a warm start: nothing is learned again).
+
+        Raises:
+            ValueError: ``state`` is not a controller state.
+        """
+        try:
+            config = LoaderConfig(**state["config"])
+            values = {k: state[k] for k in ("ceiling_workers", "batch_ceiling", "known_load_s", "converged")}
+            reference = (state["reference_rate"], state["reference_wait"])
+            spread = (float(state["spread_ss"]), float(state["spread_dof"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a Controller state ({exc!r}); pass what Controller.state_dict() returned") from None
+        self.config = config
+        self._trial = None
+        self._history = []
+        self.ceiling_workers = values["ceiling_workers"]
+        self.batch_ceiling = values["batch_ceiling"]
+        self.known_load_s = values["known_load_s"]
+        self.converged = bool(values["converged"])
+        self._reference_rate, self._reference_wait = reference
+        self._spread_ss, self._spread_dof = spread
+        self._drift_windows = 0
+
     def note_batch_bytes(self, batch_bytes: int) -> None:
         """Records the bytes of one collated batch: /dev/shm bounds the workers by it."""
         if self.bounds.batch_bytes != batch_bytes:

@@ -109,6 +109,45 @@ class BatchFollower:
             self.due_after_step = step
         return lr_factor
 
+    def state_dict(self, batch_size: int | None) -> dict[str, Any]:
+        """What a checkpoint needs to keep the learning rate in step on resume.
+
+        Args:
+            batch_size: The batch size of the configuration in use.
+        """
+        waiting = self.pending or self._next_epoch
+        warmup = self._warmup
+        increase = self.last_increase
+        return {
+            # What the optimizer's learning rate (or the accumulation) is set for now: a change
+            # whose first batch has not come yet has not moved it.
+            "lr_batch_size": waiting[0].before_batch_size if waiting else batch_size,
+            "accumulation_steps": self.accumulation_steps,
+            "warmup": warmup.state_dict() if warmup is not None and not warmup.done else None,
+            "last_increase": None if increase is None else [increase[0].to_dict(), increase[1]],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, batch_size: int | None, step: int) -> None:
+        """Takes back :meth:`state_dict`'s state; load the optimizer's and scheduler's first.
+
+        When the resumed loader serves another batch size than the learning rate was set for,
+        the follow-up (rule or accumulation) is planned for its first batch, as for a change.
+        """
+        self.accumulation_steps = self._planned_accumulation = state["accumulation_steps"]
+        self.pending, self._next_epoch = [], []
+        increase = state["last_increase"]
+        self.last_increase = None if increase is None else (LoaderConfig(**increase[0]), increase[1])
+        if state["warmup"] is not None and self._optimizer is not None:
+            from loadertune.lr import LrWarmup
+
+            self._warmup = LrWarmup.from_state_dict(self._optimizer, state["warmup"])
+        lr_bs = state["lr_batch_size"]
+        if lr_bs is not None and batch_size is not None and lr_bs != batch_size:
+            self.plan(
+                LoaderConfig(batch_size=lr_bs), LoaderConfig(batch_size=batch_size), None, step=step, at_next_epoch=False
+            )
+            self.last_increase = None
+
     def epoch_started(self, step: int) -> None:
         """Changes that waited for the epoch take effect with its first batch."""
         if self._next_epoch:

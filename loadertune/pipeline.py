@@ -100,6 +100,13 @@ class LoaderPipeline:
         self._stream: EpochStream | None = None
         self._drain: _Drain | None = None
         self._base_seed_drawn = False
+        # Whether the base seed is drawn once for the run (a plain persistent-workers loader
+        # keeps its first iterator) rather than once per epoch; a resumed run keeps the saved one.
+        self.base_seed_once = config.persistent_workers and config.num_workers > 0
+        #: The RNG states at the start of the epoch being served (``checkpoint.EpochStart``).
+        self.epoch_start: Any = None
+        #: Set by ``load_state_dict``: the interrupted epoch the next ``start_epoch`` continues.
+        self.resume_at: Any = None
         # The rebuilt loaders' own generator: they never draw from the user's or the global RNG.
         self._generator = torch.Generator()
 
@@ -135,7 +142,8 @@ class LoaderPipeline:
                 self._inner = self._build(None)
             self._it = _iterate(self._inner)
         else:
-            self._stream = EpochStream(self._epoch_source())
+            source = self._epoch_source()
+            self._stream = EpochStream(source, drawn=self.epoch_start.position)
             if self._inner is None or not self.config.persistent_workers or self.config.num_workers == 0:
                 self._shutdown_inner()
                 self._inner = self._build(self._stream)
@@ -171,15 +179,36 @@ class LoaderPipeline:
             if self.kind == "batch_sampler"
             else (loader.batch_sampler.sampler if self.kind == "sampler" else loader.sampler)
         )
+        from loadertune.checkpoint import EpochStart
+
+        # The RNG states this epoch's order comes from (a checkpoint saves them); a resumed
+        # epoch puts the saved ones back first, and skips what was consumed before.
+        resume, self.resume_at = self.resume_at, None
+        if resume is not None:
+            self._base_seed_drawn = resume.base_seed_drawn
+            start = resume.begin(loader, source)
+        else:
+            start = EpochStart.capture(loader, source, base_seed_drawn=self._base_seed_drawn)
         # Create the sampler's iterator first, then draw the base seed: the order in which a
         # plain DataLoader consumes its RNG, so this epoch's and later epochs' orders match it.
         source_iter = iter(source)
-        persistent = self._initial.persistent_workers and self._initial.num_workers > 0
-        if not (persistent and self._base_seed_drawn):
+        if not (self.base_seed_once and self._base_seed_drawn):
             base = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
             self._base_seed_drawn = True
             self._generator.manual_seed(base)
-        return source_iter
+        self.epoch_start = start
+        return start.skip(source_iter)
+
+    def position(self) -> int:
+        """Items of this epoch's sampler the loop has consumed (in-flight ones do not count):
+        indices, or whole batches of a user's batch_sampler; 0 outside an epoch."""
+        stream = self._stream
+        if stream is None:
+            return 0
+        in_flight = 0
+        for issued in self._issued_lists():
+            in_flight += sum(map(len, issued)) if self.kind == "sampler" else len(issued)
+        return stream.drawn - stream.requeued - in_flight
 
     # -- the per-batch bookkeeping -----------------------------------------------------------------
     def delivered(self) -> int | None:

@@ -24,22 +24,31 @@ class EpochStream:
 
     Args:
         source: The iterator over the epoch's items, already created (the sampler's).
+        drawn: Items of the epoch already taken from the sampler before ``source`` (a resumed
+            epoch skips the ones consumed before its checkpoint).
+
+    Attributes:
+        drawn: Items taken from the sampler so far this epoch; minus those re-queued and those in
+            flight, it is the epoch's position (see :mod:`loadertune.checkpoint`).
     """
 
-    def __init__(self, source: Iterator[Any]) -> None:
+    def __init__(self, source: Iterator[Any], drawn: int = 0) -> None:
         self._source = source
         self._requeued: deque[Any] = deque()
         self.exhausted = False
+        self.drawn = drawn
 
     def next_item(self) -> Any:
         """The next item; raises StopIteration at the end of the epoch."""
         if self._requeued:
             return self._requeued.popleft()
         try:
-            return next(self._source)
+            item = next(self._source)
         except StopIteration:
             self.exhausted = True
             raise
+        self.drawn += 1
+        return item
 
     def take(self, n: int) -> list[Any]:
         """Up to ``n`` next items (fewer only at the end of the epoch)."""
@@ -51,6 +60,7 @@ class EpochStream:
         if missing and not self.exhausted:
             # One C-level slice instead of a Python call per index: this is the per-batch path.
             more = list(islice(self._source, missing))
+            self.drawn += len(more)
             if len(more) < missing:
                 self.exhausted = True
             out.extend(more)

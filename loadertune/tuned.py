@@ -290,15 +290,55 @@ class TunedLoader:
         return n // bs if pipeline.drop_last else math.ceil(n / bs)
 
     def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch number and passes it to the sampler (``DistributedSampler.set_epoch``)."""
+        """Sets the epoch number and passes it to the sampler (``DistributedSampler.set_epoch``).
+
+        After :meth:`load_state_dict`, the epoch the state was saved in keeps its position;
+        another epoch number starts that epoch afresh.
+        """
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if self._pipeline.resume_at is not None and epoch != self.epoch:
+            logger.warning("set_epoch(%d) after resuming in epoch %d: epoch %d starts afresh", epoch, self.epoch, epoch)
+            self._pipeline.resume_at = None
         self.epoch = epoch
         for s in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None), self.loader.batch_sampler):
             set_epoch = getattr(s, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
                 break
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small, picklable state to resume from exactly here (see ``docs/checkpoint.md``).
+
+        Take it between batches: the samples the loop has received count as consumed, those
+        in flight do not. Its size does not depend on the dataset (~11 KB shuffled).
+        """
+        from loadertune.checkpoint import loader_state
+
+        return loader_state(self)
+
+    def load_state_dict(self, state: dict[str, Any], *, warm_start: bool = True) -> None:
+        """Resumes from :meth:`state_dict`: the next ``iter()`` continues the saved epoch.
+
+        Call it on a fresh ``tune()`` over a DataLoader built the same way (dataset length,
+        sampler, generator, seed); ``num_workers``, ``prefetch_factor``, ``pin_memory``,
+        ``persistent_workers`` and, for batches loadertune re-cuts, ``batch_size`` may differ.
+        Load the optimizer's and scheduler's state first.
+
+        Args:
+            state: What :meth:`state_dict` returned.
+            warm_start: In apply mode, resume at the tuned configuration with what the
+                controller learned (ceilings, measured load). False keeps this loader's own
+                settings and tunes from scratch (the learning rate still follows any batch-size
+                difference).
+
+        Raises:
+            ValueError: ``state`` does not fit this loader; the message names the field. Nothing
+                is changed then.
+        """
+        from loadertune.checkpoint import load_loader_state
+
+        load_loader_state(self, state, warm_start=warm_start)
 
     @property
     def dataset(self) -> Any:

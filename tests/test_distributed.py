@@ -193,9 +193,45 @@ def _primitives(rank: int, tmp: Path) -> dict:
     return out
 
 
+def _scripted_window(loop: Any, ticks: Any, config: Any) -> Any:
+    """A window measured as a function of the configuration alone: the decisions then depend on
+    what the tuner is told, never on how fast a loaded machine ran the ranks.
+
+    Loading takes 0.2 ms a sample in a worker, a step 2 ms plus 0.1 ms a sample on the GPU:
+    starved without workers, then steadily under-using the GPU at batch size 8.
+    """
+    from tests._factories import metrics
+
+    w, bs = config.num_workers, config.batch_size
+    load, gpu_s = 0.0002 * bs, 0.0001 * bs
+    compute = 0.002 + gpu_s
+    bps = min(1 / compute, w / load) if w else 1 / (load + compute)
+    wait = max(0.0, 1 / bps - compute)
+    return metrics(
+        batches=loop.batches,
+        samples=loop.batches * bs,
+        batches_per_s=bps,
+        samples_per_s=bps * bs,
+        wait_share=wait * bps,
+        wait_s_per_batch=wait,
+        compute_s_per_batch=compute,
+        rate_rel_stderr=0.01,
+        loader_cpu_s_per_batch=0.1 * load,
+        gpu_util_mean_pct=100 * gpu_s * bps,
+        gpu_util_std_pct=2.0 if wait == 0 else 30.0,
+        gpu_idle_share=0.0 if wait == 0 else 0.4,
+        gpu_mem_used_bytes=bs * 2**20,
+        gpu_mem_total_bytes=16 * 2**30,
+        cpu_pct=20.0,
+        usable_cpus=2,
+    )
+
+
 def _train_apply(rank: int, tmp: Path, n: int, epochs: int) -> dict:
     import loadertune
+    import loadertune.session
 
+    loadertune.session.compute_metrics = _scripted_window
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -209,7 +245,7 @@ def _train_apply(rank: int, tmp: Path, n: int, epochs: int) -> dict:
         mode="apply",
         gpu=gpu,
         host=None,
-        window_s=0.3,
+        window_s=0.05,
         min_window_batches=4,
         interval_s=0.05,
         allow_batch_size=True,
