@@ -231,3 +231,31 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="window_s must be a positive"):
         LoadertuneCallback(window_s=0)
     assert isinstance(LoadertuneCallback(), pl.Callback)
+
+
+class _WithValidation(_Model):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, _worker = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Slow(n=160), batch_size=8, num_workers=0)
+
+
+def test_validation_loader_is_observed_and_recommended_not_changed(tmp_path: Path) -> None:
+    log = tmp_path / "run.jsonl"
+    callback = LoadertuneCallback(mode="apply", log_file=str(log), **_FAST)
+    model = _WithValidation()
+    trainer = _fit(model, callback, False, max_epochs=2, num_sanity_val_steps=2)
+    windows = [e for e in callback.validation_events if e.kind == "window"]
+    assert windows, [e.kind for e in callback.validation_events]
+    # The validation loader waits on its samples too: it gets its own advice ...
+    assert callback.validation_recommendation is not None
+    assert callback.validation_recommendation.config.num_workers > 0
+    # ... and is never changed (Lightning builds it; validation is observed only).
+    assert trainer.val_dataloaders.num_workers == 0
+    # Its own event log, beside the training loader's.
+    val_log = tmp_path / "run.validation.jsonl"
+    kinds = [json.loads(line)["kind"] for line in val_log.read_text().splitlines()]
+    assert kinds[0] == "start" and kinds[-1] == "summary" and "window" in kinds
+    assert json.loads(val_log.read_text().splitlines()[0])["loader"] == "validation"

@@ -17,6 +17,20 @@ the tuned values when Lightning has just reloaded the DataLoader
 values in the user's code. The batch size is never changed: Lightning's optimizers, schedulers
 and ``BatchSizeFinder`` own it, so a larger batch is only recommended.
 
+Why not mid-epoch, as ``tune()`` does: Lightning's fit loop creates the epoch's iterator itself
+(a ``_DataFetcher`` over a ``CombinedLoader``) before any per-batch hook runs, and keeps it to the
+epoch's end; no public hook hands the callback that iterator or lets it substitute one. A change
+therefore waits for the next epoch. For mid-epoch changes, wrap the loader yourself:
+``return loadertune.tune(DataLoader(...), mode="apply")`` from ``train_dataloader()``.
+
+The validation loaders are observed from the validation hooks (after the sanity check) by a
+session of their own, in recommend mode: ``validation_recommendation`` and ``validation_events``,
+and a ``.validation`` event log beside the training one. Under DDP each rank writes its own event
+logs (``run.rank1.jsonl``).
+
+All of this drives the same :class:`~loadertune.session.TuningSession` as ``tune()``: the
+callback only feeds it the hook timings and carries out its decisions.
+
 Install with ``pip install loadertune[lightning]`` (``pytorch-lightning``; the ``lightning``
 package works too).
 """
@@ -140,6 +154,11 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         self._warned: set[str] = set()
         self._can_apply = False
         self._running = False
+        # The validation loaders, observed (never changed) from their own hooks.
+        self._val: TuningSession | None = None
+        self._val_config: LoaderConfig | None = None
+        self._val_last_end: float | None = None
+        self._val_batches = 0
 
     # -- public read-outs (kept after training ends) ---------------------------------------------
     @property
@@ -166,6 +185,16 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
     def applied(self) -> list[tuple[int, LoaderConfig]]:
         """``(epoch, config)`` for every change applied, in order."""
         return list(self._applied_epochs)
+
+    @property
+    def validation_recommendation(self) -> Recommendation | None:
+        """What the validation DataLoader should move to, or None (observed, never changed)."""
+        return self._val.recommendation if self._val is not None else None
+
+    @property
+    def validation_events(self) -> list[Event]:
+        """The validation loader's events."""
+        return self._val.events if self._val is not None else []
 
     @property
     def _sampler(self) -> Any:
@@ -257,6 +286,57 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
             if session.metrics is not before:
                 self._log_scalars(trainer)
 
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Starts observing the validation loader (after the sanity check, once training runs)."""
+        if not self._running or getattr(trainer, "sanity_checking", False):
+            return
+        if self._val is None:
+            loaders = list(_dataloaders(getattr(trainer, "val_dataloaders", None)))
+            if not loaders:
+                return
+            self._val_config = LoaderConfig.from_loader(loaders[0])
+            self._val = TuningSession(
+                dataclasses.replace(
+                    self._session.options,
+                    mode="recommend",
+                    log_file=_suffixed(self._session.options.log_file, "validation"),
+                ),
+                self._val_config,
+                batch_resizable=False,
+                environment=self._session.environment,
+                integration="lightning",
+                name="validation",
+                step=self._val_batches,
+                epoch=trainer.current_epoch,
+            )
+        now = time.perf_counter()
+        self._val.epoch_started(now, self._val_batches)
+        self._val_last_end = now
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Counts the time since the previous validation step as waiting for this batch."""
+        val = self._val
+        if val is None or val.closed or getattr(trainer, "sanity_checking", False):
+            return
+        now = time.perf_counter()
+        requested = self._val_last_end if self._val_last_end is not None else now
+        val.timer.record(requested, now, _batch_len(batch, self._val_config))
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Ends the validation step; closes the validation window when it is due."""
+        val = self._val
+        if val is None or val.closed or getattr(trainer, "sanity_checking", False):
+            return
+        now = time.perf_counter()
+        self._val_last_end = now
+        self._val_batches += 1
+        if val.schedule.due(now, self._val_batches):
+            val.close_window(now_s=now, step=self._val_batches, epoch=trainer.current_epoch, config=self._val_config, batch=batch)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Stops measuring and logs a summary."""
         self._stop(trainer)
@@ -335,6 +415,13 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         if not self._running:
             return
         self._running = False
+        if self._val is not None:
+            self._val.close(
+                step=self._val_batches,
+                epoch=trainer.current_epoch,
+                epochs=trainer.current_epoch + 1,
+                config=self._val_config,
+            )
         self._session.close(
             step=self._batches,
             epoch=trainer.current_epoch,
@@ -396,7 +483,14 @@ def _batch_len(batch: Any, config: LoaderConfig | None) -> int:
 
 def _rank_path(path: Any, rank: int) -> str:
     """``run.jsonl`` -> ``run.rank1.jsonl``: each rank's own event log."""
+    return _suffixed(path, f"rank{rank}")
+
+
+def _suffixed(path: Any, suffix: str) -> str | None:
+    """``run.jsonl`` -> ``run.validation.jsonl``; None stays None."""
+    if path is None:
+        return None
     import os
 
     root, ext = os.path.splitext(os.fspath(path))
-    return f"{root}.rank{rank}{ext or '.jsonl'}"
+    return f"{root}.{suffix}{ext or '.jsonl'}"
