@@ -32,6 +32,17 @@ class Latency(Dataset):
         return torch.full((4,), float(i))
 
 
+class Instant(Latency):
+    """No wait at all: not even ``sleep(0)``, which yields the CPU and, on a busy machine, can
+    cost a scheduler slice per sample."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, 0.0)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((4,), float(i))
+
+
 class Burn(Latency):
     """Each sample burns CPU for ``latency_s`` (a decode-like transform)."""
 
@@ -69,13 +80,17 @@ def test_latency_bound_at_zero_workers_is_data_starved_and_wants_three_or_more()
         assert t.config.num_workers == 0  # recommend mode changes nothing
 
 
-def test_compute_bound_is_balanced_and_wants_no_more_workers():
+def test_compute_bound_is_balanced_and_wants_no_workers():
+    # Loading in the loop's own thread takes ~0.1 ms of CPU per batch against a 50 ms step: the
+    # wait share stays far under the 5% cut even on a loaded machine. (With workers, their
+    # start-up and scheduling under load could cost a window 5% of waiting: a flake.)
     gpu = SimulatedGpu(step_time_s=0.05)
-    loader = DataLoader(Latency(5000, 0.0), batch_size=16, num_workers=2)
+    loader = DataLoader(Instant(5000), batch_size=16, num_workers=0)
     with loadertune.tune(loader, gpu=gpu, window_s=1.0) as t:
         d, rec = train_until_diagnosed(t, gpu)
         assert d.kind == "balanced", d.summary
-        assert rec is None or rec.config.num_workers <= 2
+        assert d.evidence["wait_share"] < 0.05
+        assert rec is None or rec.config.num_workers == 0
 
 
 def test_steady_forty_percent_with_free_memory_is_batch_headroom():
@@ -86,7 +101,7 @@ def test_steady_forty_percent_with_free_memory_is_batch_headroom():
         memory_bytes=lambda b: b * 8 * MIB,
         total_memory_bytes=1024 * MIB,
     )
-    loader = DataLoader(Latency(5000, 0.0), batch_size=16, num_workers=1)
+    loader = DataLoader(Instant(5000), batch_size=16, num_workers=0)
     with loadertune.tune(loader, gpu=gpu, window_s=1.0) as t:
         d, rec = train_until_diagnosed(t, gpu)
         assert d.kind == "batch_headroom", d.summary
