@@ -2,24 +2,76 @@
 
 torch reports a dead worker as "DataLoader worker (pid ...) exited unexpectedly" or "is killed by
 signal", but a worker killed while handing over a batch can also surface as a connection reset on
-the batch's shared-memory handle; a dead process settles both. Anything else is the dataset's own
-error and must reach the user unchanged.
+the batch's shared-memory handle; a dead process settles both. A worker that cannot allocate a
+batch in /dev/shm raises torch's "unable to allocate shared memory" (or dies of SIGBUS): a resource
+fault, not the dataset's. Anything else is the dataset's own error and must reach the user
+unchanged.
+
+A death is random (an out-of-memory kill) or deterministic (a sample that crashes a C decoder).
+:class:`CrashTracker` tells them apart: it remembers the samples the dead worker was loading, and
+the same sample under a second death makes the crash deterministic. :func:`narrow_crash` then loads
+the suspects one by one, each in a throwaway worker, to name the sample; it is never loaded in the
+training process.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-__all__ = ["WORKER_DIED", "Death", "worker_death"]
+__all__ = [
+    "SHM_EXHAUSTED",
+    "WORKER_DIED",
+    "CrashTracker",
+    "Death",
+    "SampleCrashError",
+    "dead_worker_batches",
+    "death_report",
+    "narrow_crash",
+    "worker_death",
+]
+
+logger = logging.getLogger("loadertune")
 
 #: torch's message for a worker that died; group 1 holds the pid(s).
 WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+#: A worker that found /dev/shm full: torch's allocation error (raised in the worker and re-raised
+#: here) or a worker killed by SIGBUS (a write to a shared-memory page that has no backing).
+SHM_EXHAUSTED = re.compile(
+    r"unable to allocate shared memory|unable to write to file </?torch_[^>]*>: No space left on device"
+    r"|</?torch_[^>]*>: No space left on device|killed by signal: Bus error"
+)
 
-Death = Literal["died", "stale", "none"]
+Death = Literal["died", "stale", "shm", "none"]
 
 # How long a connection error waits for a dying worker's exit to become visible.
 _DEATH_WAIT_S = 2.0
+# Narrowing a crash to one sample: at most this many suspects, this long in all.
+_NARROW_MAX_SAMPLES = 64
+_NARROW_BUDGET_S = 30.0
+
+
+class SampleCrashError(RuntimeError):
+    """A sample kills every DataLoader worker that loads it (a crash in native code, say).
+
+    A ``RuntimeError`` like torch's "DataLoader worker ... exited unexpectedly", so code that
+    handles that still handles this.
+
+    Attributes:
+        indices: The sample indices under suspicion (the dead workers' batch).
+        sample: The sample that crashed a throwaway worker on its own, or None if none did.
+    """
+
+    def __init__(self, message: str, indices: list[Any], sample: Any = None) -> None:
+        super().__init__(message)
+        self.indices = indices
+        self.sample = sample
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.indices, self.sample))
 
 
 def worker_death(it: Any, exc: BaseException) -> Death:
@@ -27,15 +79,21 @@ def worker_death(it: Any, exc: BaseException) -> Death:
 
     Returns:
         ``"died"``: a worker of ``it`` died; ``"stale"``: the report names none of the current
-        workers (a death already recovered from); ``"none"``: the dataset's own error.
+        workers (a death already recovered from); ``"shm"``: a worker found /dev/shm full (its
+        batch can be loaded again with less in flight); ``"none"``: the dataset's own error.
     """
+    if isinstance(exc, SampleCrashError) or not hasattr(it, "_workers"):
+        return "none"  # already decided, or no workers to have died (loading in this process)
     workers = getattr(it, "_workers", None) or []
-    match = WORKER_DIED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    match = WORKER_DIED.search(text)
     if match:
         pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
         if pids and not pids & {w.pid for w in workers}:
             return "stale"
-        return "died"
+        return "shm" if SHM_EXHAUSTED.search(text) else "died"
+    if text and SHM_EXHAUSTED.search(text):
+        return "shm"
     if any(not w.is_alive() for w in workers):
         return "died"
     if workers and isinstance(exc, (ConnectionError, EOFError)):
@@ -46,3 +104,148 @@ def worker_death(it: Any, exc: BaseException) -> Death:
         if wait([w.sentinel for w in workers], timeout=_DEATH_WAIT_S):
             return "died"
     return "none"
+
+
+def dead_worker_batches(it: Any, exc: BaseException, issued: Iterable[Any]) -> list[list[Any]]:
+    """The batches the dead worker(s) of ``it`` were loading, as lists of sample indices.
+
+    ``issued`` holds the batches handed to ``it`` and not delivered, oldest first: with in-order
+    loading the k-th is torch's task ``_rcvd_idx + k``. A dead worker's tasks without data are
+    what it was loading (the lowest) and had queued. When torch's bookkeeping cannot be read,
+    every batch in flight is a suspect.
+    """
+    batches = [b if isinstance(b, list) else [b] for b in issued]
+    workers = getattr(it, "_workers", None) or []
+    match = WORKER_DIED.search(str(exc))
+    if match:
+        pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
+        dead = {i for i, w in enumerate(workers) if w.pid in pids}
+    else:
+        dead = {i for i, w in enumerate(workers) if not w.is_alive()}
+    task_info = getattr(it, "_task_info", None)
+    rcvd = getattr(it, "_rcvd_idx", None)
+    if not dead or not isinstance(task_info, dict) or rcvd is None or not getattr(it, "_in_order", True):
+        return batches
+    out = []
+    for idx in sorted(task_info):
+        info = task_info[idx]
+        if info[0] in dead and len(info) == 1 and 0 <= idx - rcvd < len(batches):
+            out.append(batches[idx - rcvd])
+    return out or batches
+
+
+def death_report(it: Any, exc: BaseException) -> str:
+    """How the dead workers of ``it`` ended ("pid 12 killed by SIGSEGV"), else torch's message."""
+    import signal
+
+    out = []
+    for w in getattr(it, "_workers", None) or []:
+        try:
+            if w.is_alive():
+                continue
+            w.join(0.5)
+            code = w.exitcode
+        except (OSError, ValueError, AssertionError):
+            continue
+        if code is None or code == 0:
+            continue
+        if code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        out.append(f"pid {w.pid} {how}")
+    return "; ".join(out) or str(exc).strip()
+
+
+class CrashTracker:
+    """Remembers the samples dead workers were loading, until each is delivered.
+
+    Attributes:
+        suspects: Sample indices a dead worker was loading and nobody has delivered since.
+            While any is left, loading must stay in workers (never the training process).
+        deaths: The reports of the deaths seen this epoch.
+    """
+
+    def __init__(self) -> None:
+        self.suspects: set[Any] = set()
+        self.deaths: list[str] = []
+
+    def death(self, batches: list[list[Any]], report: str) -> list[Any]:
+        """Records a death; returns the samples it shares with an earlier one (deterministic)."""
+        samples = [i for b in batches for i in b]
+        repeated = [i for i in samples if i in self.suspects]
+        self.suspects.update(samples)
+        self.deaths.append(report)
+        return repeated
+
+    def delivered(self, batch: Any) -> None:
+        """Clears the samples of a batch that arrived: they did not kill their worker."""
+        if isinstance(batch, list):
+            self.suspects.difference_update(batch)
+        else:
+            self.suspects.discard(batch)
+
+    def reset(self) -> None:
+        """A new epoch: nothing is under suspicion."""
+        self.suspects.clear()
+        self.deaths.clear()
+
+
+def narrow_crash(
+    dataset: Any,
+    samples: list[Any],
+    *,
+    key: Callable[[Any], Any] | None = None,
+    worker_init_fn: Callable[[int], Any] | None = None,
+    multiprocessing_context: Any = None,
+    budget_s: float = _NARROW_BUDGET_S,
+) -> tuple[Any, str] | None:
+    """Loads each of ``samples`` alone in a throwaway worker; returns the first that kills it.
+
+    Returns:
+        ``(sample, report)`` for the sample whose worker died, or None when none did on its own
+        (too many suspects, the time budget spent, or the crash needs other samples first).
+    """
+    from torch.utils.data import DataLoader
+
+    from loadertune.shutdown import shutdown_loader
+
+    if len(samples) > _NARROW_MAX_SAMPLES:
+        return None
+    deadline = time.monotonic() + budget_s
+    for sample in samples:
+        left = deadline - time.monotonic()
+        if left <= 1.0:
+            return None
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=[sample if key is None else key(sample)],
+            num_workers=1,
+            collate_fn=_discard,
+            worker_init_fn=worker_init_fn,
+            multiprocessing_context=multiprocessing_context,
+            timeout=left,
+        )
+        it = None
+        try:
+            it = iter(loader)
+            for _ in it:
+                pass
+        except RuntimeError as exc:
+            if WORKER_DIED.search(str(exc)):
+                return sample, death_report(it, exc)
+            logger.debug("narrowing a worker crash: sample %r raised %r", sample, exc)
+        except Exception as exc:  # the dataset's own error: not a crash
+            logger.debug("narrowing a worker crash: sample %r raised %r", sample, exc)
+        finally:
+            shutdown_loader(loader, it)
+    return None
+
+
+def _discard(item: Any) -> None:
+    """Collates nothing: narrowing only needs to know whether loading a sample kills its worker."""
+    return None

@@ -55,6 +55,7 @@ class TuneOptions:
     host: Any = True
     sinks: tuple[Callable[[Any], Any], ...] = ()
     dist_timeout_s: float = 300.0
+    iterable_shards: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,7 +73,7 @@ class TuneOptions:
         share = self.ram_budget_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ValueError(f"ram_budget_share must be a number in (0, 1], got {share!r}")
-        for name in ("allow_batch_size", "keep_schedule_length"):
+        for name in ("allow_batch_size", "keep_schedule_length", "iterable_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         choices = ("auto", *LR_EXPONENTS)

@@ -12,6 +12,7 @@ batches it was handed, oldest first), and nothing else.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from loadertune.config import LoaderConfig
 from loadertune.errors import ReconfigureError
+from loadertune.faults import CrashTracker, SampleCrashError, dead_worker_batches, death_report, narrow_crash
+from loadertune.shutdown import shutdown_loader
 from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler, requeue_issued
 
 __all__ = ["LoaderPipeline", "StreamKind", "stream_kind"]
@@ -33,6 +36,14 @@ __all__ = ["LoaderPipeline", "StreamKind", "stream_kind"]
 StreamKind = Literal["iterable", "sampler", "batch_sampler", "samples"]
 
 _TORCH_WORKER_WARNING = "This DataLoader will create"
+
+#: Where DataLoader workers put the batches they hand to the training process.
+SHM_PATH = "/dev/shm"
+#: Share of /dev/shm the batches loadertune's loaders keep in flight may fill.
+SHM_MARGIN = 0.9
+#: Batches the training loop holds besides those in flight (the one it works on while the
+#: next is handed over).
+SHM_HELD_BATCHES = 1
 
 
 def stream_kind(loader: DataLoader) -> StreamKind:
@@ -107,6 +118,13 @@ class LoaderPipeline:
         self.epoch_start: Any = None
         #: Set by ``load_state_dict``: the interrupted epoch the next ``start_epoch`` continues.
         self.resume_at: Any = None
+        #: Bytes of one collated batch (set by the front end once measured): bounds /dev/shm use.
+        self.batch_bytes: int | None = None
+        self.shm_path = SHM_PATH
+        #: Samples dead workers were loading (a second death on one of them is deterministic).
+        self.crashes = CrashTracker()
+        # The batch last delivered when a cut-short loader was replaced (no progress since: stop).
+        self._resumed_at: Any = _NOTHING
         # The rebuilt loaders' own generator: they never draw from the user's or the global RNG.
         self._generator = torch.Generator()
 
@@ -132,6 +150,7 @@ class LoaderPipeline:
             # The previous epoch was left early: its in-flight batches are simply dropped, as a
             # fresh DataLoader iterator would drop them.
             self._discard_epoch()
+        self.crashes.reset()
         switched = False
         if self.pending is not None:
             self.switch(self.pending)
@@ -219,6 +238,8 @@ class LoaderPipeline:
             return None
         consumed = issued.popleft()
         self.last_delivered = consumed
+        if self.crashes.suspects:
+            self.crashes.delivered(consumed)
         return len(consumed) if self.kind != "samples" else 1
 
     def drop_failed(self) -> None:
@@ -250,6 +271,9 @@ class LoaderPipeline:
         """
         stream = self._stream
         in_flight = 0
+        # Built (not started) first: a configuration torch refuses raises here, with the old
+        # loader still serving the epoch.
+        new = self._build(stream, config) if stream is not None else None
         handoff = (
             handoff_ok
             and stream is not None
@@ -273,8 +297,15 @@ class LoaderPipeline:
         self.rebuilds += 1
         if stream is not None:
             # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
-            self._inner = self._build(stream)
-            self._it = _iterate(self._inner)
+            self._inner = new
+            try:
+                self._it = _iterate(new)
+            except BaseException as exc:
+                # The epoch cannot go on without a loader: every later next() says why, so it
+                # never ends early in silence.
+                self._it = _Failed(exc)
+                self._point()
+                raise
         self._point()
         return in_flight
 
@@ -291,22 +322,148 @@ class LoaderPipeline:
         its = [self._it] + ([self._drain.it] if self._drain is not None else [])
         return [w.pid for it in its for w in (getattr(it, "_workers", None) or []) if w.pid is not None]
 
+    # -- /dev/shm ----------------------------------------------------------------------------------
+    def shm_room(self) -> tuple[int, int] | None:
+        """Batches that may be in flight in /dev/shm (workers x prefetch_factor), and its size.
+
+        The room is what is free plus what this pipeline's own batches take now (the batches in
+        flight and the one the loop holds, at most what is used), with a margin; the loop's
+        batch is kept out of it. None while the batch size in bytes is unknown or /dev/shm
+        cannot be read.
+        """
+        nbytes = self.batch_bytes
+        if not nbytes:
+            return None
+        try:
+            st = os.statvfs(self.shm_path)
+        except OSError:
+            return None
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        ours = (self._in_flight_batches() + SHM_HELD_BATCHES) * nbytes
+        capacity = free + min(max(0, total - free), ours)
+        return int(SHM_MARGIN * capacity // nbytes) - SHM_HELD_BATCHES, total
+
+    def shm_fit(self, config: LoaderConfig, room: int | None = None) -> LoaderConfig:
+        """``config`` with its batches in flight cut to fit /dev/shm (see :meth:`shm_room`).
+
+        A smaller prefetch_factor goes first (workers are what a slow load needs), then fewer
+        workers; without room for one batch, loading moves into the training process.
+        """
+        w, p = config.num_workers, config.prefetch_factor or 0
+        if w == 0:
+            return config
+        if room is None:
+            measured = self.shm_room()
+            if measured is None:
+                return config
+            room = measured[0]
+        if w * p <= room:
+            return config
+        if room < 1:
+            return config.replace(num_workers=0)
+        if room >= w:
+            return config.replace(prefetch_factor=room // w)
+        return config.replace(num_workers=room, prefetch_factor=1)
+
+    def _in_flight_batches(self) -> int:
+        n = 0
+        if self._it is not None and not isinstance(self._it, _Failed):
+            n += self.config.num_workers * (self.config.prefetch_factor or 0)
+        if self._drain is not None:
+            n += len(self._drain.issued)
+        return n
+
+    # -- worker deaths -----------------------------------------------------------------------------
+    def note_death(self, it: Any, exc: BaseException) -> list[Any]:
+        """Records what a dead worker of ``it`` was loading; returns the samples a worker already
+        died on (a deterministic crash), else an empty list."""
+        issued = self.src_issued if it is self.src_it and self.src_issued is not None else ()
+        batches = dead_worker_batches(it, exc, list(issued))
+        return self.crashes.death(batches, death_report(it, exc))
+
+    def crash_error(self, exc: BaseException, samples: list[Any]) -> SampleCrashError:
+        """Stops the epoch after a deterministic crash; returns the error naming the sample.
+
+        The suspects are loaded one by one in throwaway workers to single out the culprit;
+        none of them is ever loaded in the training process.
+        """
+        self._shutdown_inner()
+        stream = self._stream
+        self._stream = None
+        del stream
+        loader = self.loader
+        found = narrow_crash(
+            self._dataset,
+            samples,
+            key=self._key,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+        )
+        deaths = "; ".join(self.crashes.deaths)
+        shown = samples if len(samples) <= 16 else [*samples[:16], "..."]
+        if found is not None:
+            sample, report = found
+            message = (
+                f"sample {sample!r} kills the DataLoader worker that loads it: workers died twice on "
+                f"its batch {shown} ({deaths}), and loading it alone in a throwaway worker crashed "
+                f"that one too ({report}). loadertune does not load it in the training process, "
+                "where it would take the job down; fix or skip that sample"
+            )
+        else:
+            sample = None
+            message = (
+                f"the batch of samples {shown} kills the DataLoader worker that loads it: workers "
+                f"died twice on it ({deaths}); no sample crashed a throwaway worker on its own. "
+                "loadertune does not load them in the training process, where they would take the "
+                "job down; fix or skip those samples"
+            )
+        error = SampleCrashError(message, list(samples), sample)
+        self._it = self.src_it = _Failed(error)
+        self.src_issued = None
+        return error
+
+    def resume_unfinished(self) -> bool:
+        """At a loader's end of iteration: whether samples of the epoch are still unserved.
+
+        A loader whose sampler was cut short (an exception raised into it) ends before the
+        epoch does; a new loader then serves the rest, so the epoch never ends early in
+        silence. Returns False at the real end of the epoch.
+
+        Raises:
+            RuntimeError: A fresh loader ended again with samples left.
+        """
+        stream = self._stream
+        if stream is None or isinstance(self._it, _Failed):
+            return False
+        left = stream.requeued
+        if self.kind == "sampler" and self.drop_last and stream.exhausted:
+            left = 0 if left < (self.config.batch_size or 1) else left
+        if stream.exhausted and not left:
+            return False
+        if self._resumed_at is self.last_delivered:
+            raise RuntimeError(
+                f"the epoch's loader ended with samples left ({left or 'the sampler not exhausted'}) "
+                "twice in a row; stopping rather than ending the epoch short"
+            )
+        self._resumed_at = self.last_delivered
+        self.rebuild(self.config, handoff_ok=False)
+        return True
+
     def shutdown(self) -> None:
         """Stops every worker now; idempotent."""
         self._shutdown_inner()
         self._stream = None
 
     # -- building ----------------------------------------------------------------------------------
-    def _build(self, stream: EpochStream | None) -> DataLoader:
+    def _build(self, stream: EpochStream | None, config: LoaderConfig | None = None) -> DataLoader:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
-            loader = self._new_loader(stream)
+            loader = self._new_loader(stream, config or self.config)
         # `loadertune run` instruments user loaders; the ones loadertune builds pass through.
         loader._loadertune_internal = True
         return loader
 
-    def _new_loader(self, stream: EpochStream | None) -> DataLoader:
-        c = self.config
+    def _new_loader(self, stream: EpochStream | None, c: LoaderConfig) -> DataLoader:
         loader = self.loader
         kwargs: dict[str, Any] = {
             "num_workers": c.num_workers,
@@ -372,18 +529,83 @@ class LoaderPipeline:
 
 
 def _shutdown(loader: DataLoader | None, it: Any) -> None:
-    """Stops a loader's workers now (a persistent loader keeps its iterator on the loader)."""
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    if loader is not None and getattr(loader, "_iterator", None) is not None:
-        loader._iterator._shutdown_workers()
-        loader._iterator = None
+    """Stops a loader's workers now (a persistent loader keeps its iterator on the loader); a
+    worker's abnormal exit while it stops is logged, never raised (see :mod:`loadertune.shutdown`)."""
+    if isinstance(it, _Failed):
+        it = None
+    shutdown_loader(loader, it)
+
+
+_NOTHING = object()
+
+
+class _Failed:
+    """Stands in for an iterator that could not be started: every ``next`` raises why."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __iter__(self) -> _Failed:
+        return self
+
+    def __next__(self) -> Any:
+        raise RuntimeError(f"the DataLoader for the rest of this epoch could not be started: {self.exc!r}") from self.exc
 
 
 def _iterate(loader: DataLoader) -> Iterator[Any]:
-    with warnings.catch_warnings():
-        # torch warns past its suggested worker count (the usable CPUs); loadertune goes past it
-        # on purpose for I/O-bound loads and bounds CPU-bound ones itself.
-        warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
-        return iter(loader)
+    try:
+        with warnings.catch_warnings():
+            # torch warns past its suggested worker count (the usable CPUs); loadertune goes past
+            # it on purpose for I/O-bound loads and bounds CPU-bound ones itself.
+            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+            return iter(loader)
+    except BaseException as exc:
+        # Interrupted (Ctrl-C) or failed half-way: torch's iterator was never returned, so stop
+        # the workers it had already started here, or they outlive the run.
+        _abort_started(exc)
+        raise
+
+
+def _abort_started(exc: BaseException) -> None:
+    """Stops the workers and queues of a multi-process iterator whose ``__init__`` did not finish."""
+    tb = exc.__traceback__
+    it = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "DataLoaderIter" in type(frame.f_locals.get("self")).__name__:
+            it = frame.f_locals["self"]
+        tb = tb.tb_next
+    if it is None:
+        return
+    if getattr(it, "_worker_pids_set", False):
+        from torch.utils.data import _utils
+
+        try:
+            _utils.signal_handling._remove_worker_pids(id(it))
+        except Exception:
+            pass
+        it._worker_pids_set = False
+    it._shutdown = True  # torch's __del__ must not run its shutdown on a half-built iterator
+    done = getattr(it, "_workers_done_event", None)
+    if done is not None:
+        done.set()
+    for w in getattr(it, "_workers", None) or []:
+        try:
+            w.terminate()
+            w.join(2.0)
+            if w.is_alive():
+                w.kill()
+                w.join(5.0)
+        except (OSError, ValueError, AssertionError):
+            pass
+    queues = list(getattr(it, "_index_queues", None) or [])
+    for name in ("_worker_result_queue", "_data_queue"):
+        q = getattr(it, name, None)
+        if q is not None and q not in queues:
+            queues.append(q)
+    for q in queues:
+        try:
+            q.cancel_join_thread()
+            q.close()
+        except (AttributeError, OSError, ValueError):
+            pass

@@ -23,7 +23,7 @@ from loadertune.controller import Decision, Recommendation
 from loadertune.diagnose import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
-from loadertune.faults import WORKER_DIED, worker_death
+from loadertune.faults import WORKER_DIED, SampleCrashError, worker_death
 from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, Mode, TuneOptions
 from loadertune.pipeline import LoaderPipeline, stream_kind
@@ -62,6 +62,7 @@ def tune(
     host: Any = True,
     sinks: tuple[Callable[[Event], Any], ...] = (),
     dist_timeout_s: float = 300.0,
+    iterable_shards: bool = False,
 ) -> TunedLoader:
     """Wraps a DataLoader so that it watches the training run and tunes the loading.
 
@@ -100,6 +101,10 @@ def tune(
         sinks: Callables that receive every :class:`~loadertune.events.Event`.
         dist_timeout_s: Under ``torch.distributed``, how long a rank waits for the others at a
             collective decision before raising ``DistributedTimeoutError``.
+        iterable_shards: The loader's IterableDataset splits its items between workers (by
+            ``torch.utils.data.get_worker_info()``), so apply mode may give it more workers.
+            Without it, apply mode adds workers only to one that already runs with two or more;
+            one that does not shard would repeat every item once per worker.
 
     Returns:
         A :class:`TunedLoader`; iterate it exactly as the DataLoader.
@@ -130,6 +135,7 @@ def tune(
         host=host,
         sinks=sinks,
         dist_timeout_s=dist_timeout_s,
+        iterable_shards=iterable_shards,
         ),
     )
 
@@ -175,6 +181,12 @@ class TunedLoader:
                 + ", whose batches loadertune cannot re-cut"
             )
         self._iterable = kind == "iterable"
+        # An IterableDataset that already runs with several workers shards (or the job would
+        # already see its items repeated); otherwise only the user can say it does.
+        self._workers_cap = (
+            1 if self._iterable and not options.iterable_shards and config.num_workers < 2 else None
+        )
+        self._warned: set[str] = set()
         dataset = self._seeded_dataset(loader.dataset, options.seed)
         self.loader = loader
         self.options = options
@@ -253,8 +265,9 @@ class TunedLoader:
                 batch = next(it)
                 break
             except StopIteration:
-                if pipeline.finish_drain():
-                    # The old loader has handed over all it had in flight: on to the new one.
+                if pipeline.finish_drain() or pipeline.resume_unfinished():
+                    # The old loader has handed over all it had in flight (or was cut short with
+                    # samples left): on to the new one.
                     self._note_workers()
                     continue
                 self._end_epoch()
@@ -275,6 +288,7 @@ class TunedLoader:
             self._on_window(returned, batch)
         elif self._session.batch_bytes is None:
             self._session.note_batch(batch)
+            pipeline.batch_bytes = self._session.batch_bytes
         follower = self._follower
         if follower.pending and step > follower.due_after_step:
             # The first batch of a new size: the learning rate follows it now.
@@ -517,6 +531,14 @@ class TunedLoader:
         before = pipeline.pending or self.config
         if config == before:
             return
+        wanted = config
+        config = self._bounded(config, kind)
+        if config != wanted and kind in ("change", "revert", "retune"):
+            # The controller wanted more than the bounds allow: it must believe what runs, and
+            # not try more workers than run now.
+            self._session.controller.note_fault(config.replace(num_workers=config.num_workers + 1), config)
+        if config == before:
+            return
         if config.batch_size != before.batch_size:
             lr_factor = self._follower.plan(before, config, lr_factor, step=self.step, at_next_epoch=self._iterable)
         if self._iterable:
@@ -546,6 +568,52 @@ class TunedLoader:
             **measured,
         )
 
+    def _bounded(self, config: LoaderConfig, kind: str) -> LoaderConfig:
+        """``config`` within what cannot be traded for speed: an IterableDataset not known to
+        shard keeps to one worker (the user's reconfigure says it shards), and the batches in
+        flight fit /dev/shm."""
+        cap = self._workers_cap
+        if cap is not None and config.num_workers > cap:
+            if kind == "reconfigure":
+                self._workers_cap = None  # the user says it shards
+            else:
+                self._warn_once(
+                    "iterable",
+                    "the loop waits on data and more workers would help, but this IterableDataset "
+                    "is not known to shard: each worker would yield every item. Split the items "
+                    "with torch.utils.data.get_worker_info() and pass tune(iterable_shards=True), or "
+                    "set num_workers yourself",
+                )
+                config = config.replace(num_workers=cap)
+        fitted = self._pipeline.shm_fit(config)
+        if fitted != config:
+            self._warn_shm(config, fitted)
+        return fitted
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def _warn_shm(self, wanted: LoaderConfig, fitted: LoaderConfig) -> None:
+        room = self._pipeline.shm_room()
+        total = room[1] if room is not None else 0
+        nbytes = self._pipeline.batch_bytes or 0
+        self._warn_once(
+            "shm",
+            "%s (%.0f MiB) limits the DataLoader: %d workers x prefetch_factor %s of %.1f MiB batches "
+            "would not fit, so loadertune runs %d workers x prefetch_factor %s. Enlarge it "
+            "(docker run --shm-size=2g, or a bigger /dev/shm mount) or use a smaller "
+            "prefetch_factor or batch size",
+            self._pipeline.shm_path,
+            total / 2**20,
+            wanted.num_workers,
+            wanted.prefetch_factor,
+            nbytes / 2**20,
+            fitted.num_workers,
+            fitted.prefetch_factor,
+        )
+
     # -- epochs and windows --------------------------------------------------------------------
     def _end_epoch(self) -> None:
         self._pipeline.end_epoch()
@@ -562,12 +630,45 @@ class TunedLoader:
             batch=batch,
             decide=self._pipeline.pending is None,
         )
+        self._pipeline.batch_bytes = self._session.batch_bytes
+        self._check_limits()
         if decision is not None:
             self._act(decision)
+
+    def _check_limits(self) -> None:
+        """Once per window: /dev/shm and an IterableDataset's sharding bound the workers in every
+        mode; what the load would want beyond them is said once, with the fix."""
+        pipeline, session = self._pipeline, self._session
+        config = self.config
+        room = pipeline.shm_room()
+        if room is not None:
+            fitted = pipeline.shm_fit(config, room[0])
+            if fitted != config:
+                self._warn_shm(config, fitted)
+                if self.mode == "apply" and pipeline.in_epoch:
+                    self._change(fitted, "fault", f"the batches in flight would not fit {pipeline.shm_path}")
+                    session.controller.note_fault(fitted.replace(num_workers=fitted.num_workers + 1), fitted)
+            elif session.metrics is not None:
+                from loadertune.controller import estimate_workers
+
+                est = estimate_workers(session.metrics, config, session.controller.bounds)
+                if est is not None and est.needed > max(room[0], config.num_workers):
+                    self._warn_shm(config.replace(num_workers=est.needed), pipeline.shm_fit(config.replace(num_workers=est.needed), room[0]))
+        rec = session.recommendation
+        cap = self._workers_cap
+        if cap is not None and rec is not None and rec.config.num_workers > cap and self.mode == "recommend":
+            self._warn_once(
+                "iterable",
+                "the recommendation of %d workers assumes this IterableDataset splits its items "
+                "between workers with torch.utils.data.get_worker_info(); one that does not would "
+                "yield every item once per worker",
+                rec.config.num_workers,
+            )
 
     def _act(self, decision: Decision) -> None:
         rec = decision.recommendation
         diagnosis = self._session.diagnosis
+        before = self.config
         self._change(
             decision.config,
             decision.action,
@@ -578,6 +679,11 @@ class TunedLoader:
             expected_speedup=rec.expected_speedup if rec is not None else None,
             diagnosis=diagnosis.kind if diagnosis is not None else None,
         )
+        after = self.config
+        if rec is not None and rec.forced and after.num_workers < before.num_workers:
+            # A step down for memory is a limit, not a speed experiment: no more workers than
+            # were over it are tried again (until the load drifts).
+            self._session.controller.note_fault(before, after)
 
     # -- faults --------------------------------------------------------------------------------
     def _after_failure(self, it: Any, exc: Exception) -> None:
@@ -589,37 +695,68 @@ class TunedLoader:
                 if death == "none":
                     self._pipeline.drop_failed()
                     raise exc
-                if death == "died":
-                    self._recover(exc)
+                if death in ("died", "shm"):
+                    self._recover(exc, it, death)
                 return
             except RuntimeError as late:
                 # torch's SIGCHLD handler raises asynchronously, so the report of a death can
                 # land inside this very handling: take it as the death it reports, once more.
-                if late is exc or not WORKER_DIED.search(str(late)):
+                if late is exc or isinstance(late, SampleCrashError) or not WORKER_DIED.search(str(late)):
                     raise
                 exc = late
                 it = self._pipeline.src_it
 
-    def _recover(self, exc: Exception) -> None:
-        if not self._pipeline.in_epoch:
+    def _recover(self, exc: Exception, it: Any = None, death: str = "died") -> None:
+        pipeline = self._pipeline
+        if not pipeline.in_epoch:
             raise exc
         before = self.config
-        fewer = max(0, before.num_workers - max(1, before.num_workers // 2))
+        w = before.num_workers
+        if death == "shm":
+            # /dev/shm ran out under this loader (another process may have filled it): at least
+            # halve what is in flight, within what is free now; the failed batch comes again.
+            room = pipeline.shm_room()
+            in_flight = w * (before.prefetch_factor or 0)
+            target = in_flight // 2 if room is None else min(in_flight // 2, room[0])
+            if pipeline.crashes.suspects:
+                target = max(1, target)  # a sample under suspicion never loads in this process
+            after = pipeline.shm_fit(before, room=target)
+            what = f"{pipeline.shm_path} is full"
+            self._warn_shm(before, after)
+        else:
+            repeated = pipeline.note_death(it, exc)
+            if repeated:
+                # The same samples killed a second worker: not bad luck but the data. Stop, and
+                # name the sample; running it here would crash the training process itself.
+                error = pipeline.crash_error(exc, repeated)
+                self._session.fault(
+                    error, before, before, step=self.step, epoch=self.epoch, cause="crash", samples=repeated
+                )
+                raise error from exc
+            fewer = max(0, w - max(1, w // 2))
+            if pipeline.crashes.suspects:
+                # The dead worker's samples load again in a worker: if one of them is what kills
+                # workers, it must kill another worker, never the training process.
+                fewer = max(1, fewer)
+            after = before.replace(num_workers=fewer)
+            what = "a worker died"
         logger.warning(
-            "%s; rebuilding with num_workers=%d and resuming at step %d, no sample lost",
+            "%s; %s: rebuilding with num_workers=%d prefetch_factor=%s and resuming at step %d, "
+            "no sample lost",
             exc,
-            fewer,
+            what,
+            after.num_workers,
+            after.prefetch_factor,
             self.step,
         )
         # A broken loader cannot hand anything over: its in-flight batches are re-queued.
         # A fault is this rank's alone: it must not move the window every rank closes together.
-        after = before.replace(num_workers=fewer)
-        self._pipeline.rebuild(after, handoff_ok=False)
+        pipeline.rebuild(after, handoff_ok=False)
         self.config = after
         self._note_workers()
-        self._session.rebuilt(max(2, fewer), step=self.step, collective=False)
+        self._session.rebuilt(max(2, after.num_workers), step=self.step, collective=False)
         self._session.controller.note_fault(before, after)
-        self._session.fault(exc, before, after, step=self.step, epoch=self.epoch)
+        self._session.fault(exc, before, after, step=self.step, epoch=self.epoch, cause=death)
 
     # -- set-up helpers ------------------------------------------------------------------------
     def _seeded_dataset(self, dataset: Any, seed: int | None) -> Any:

@@ -1,0 +1,185 @@
+"""Faults that must never turn a working job into a crashed, hung or shortened one (issue 14)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import loadertune
+from loadertune.faults import CrashTracker, SampleCrashError, dead_worker_batches, worker_death
+
+
+class Segfaults(Dataset):
+    """Sample ``at`` crashes the process that loads it with a real SIGSEGV, as a corrupt file in a
+    C decoder does. Loaded in the training process it raises instead, so a regression fails the
+    test rather than the test run."""
+
+    def __init__(self, n: int, at: int) -> None:
+        self.n, self.at = n, at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.at:
+            if torch.utils.data.get_worker_info() is None:
+                raise AssertionError(f"sample {i} was loaded in the training process")
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return i
+
+
+class KillOnce(Dataset):
+    """The worker that loads sample ``at`` SIGKILLs itself, once (a flag file remembers)."""
+
+    def __init__(self, n: int, at: int, flag: str) -> None:
+        self.n, self.at, self.flag = n, at, flag
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.at:
+            if torch.utils.data.get_worker_info() is None:
+                raise AssertionError(f"sample {i} was loaded in the training process")
+            if not os.path.exists(self.flag):
+                open(self.flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return i
+
+
+class ShmFullOnce(Dataset):
+    """Sample ``at`` fails once in its worker with torch's /dev/shm error (its exact text)."""
+
+    def __init__(self, n: int, at: int, flag: str) -> None:
+        self.n, self.at, self.flag = n, at, flag
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.at and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            raise RuntimeError(
+                "unable to allocate shared memory(shm) for file </torch_123_456_0>: No space left on device (28)"
+            )
+        return i
+
+
+def quiet(loader, **kw):
+    kw.setdefault("host", None)
+    kw.setdefault("gpu", None)
+    kw.setdefault("window_s", 3600.0)
+    return loadertune.tune(loader, **kw)
+
+
+def flat(batches):
+    return [int(i) for b in batches for i in b]
+
+
+# -- a sample that kills its worker ----------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["recommend", "apply"])
+def test_segfaulting_sample_raises_naming_it_and_never_loads_in_process(mode, caplog):
+    got = []
+    with quiet(DataLoader(Segfaults(64, at=21), batch_size=4, num_workers=4), mode=mode) as t:
+        with pytest.raises(SampleCrashError) as info, caplog.at_level(logging.WARNING, "loadertune"):
+            for b in t:
+                got.extend(int(i) for i in b)
+        err = info.value
+        assert isinstance(err, RuntimeError)  # what a plain DataLoader raises, so handlers still work
+        assert err.sample == 21 and 21 in err.indices
+        assert "sample 21 kills the DataLoader worker" in str(err)
+        assert "killed by SIGSEGV" in str(err)
+        # One retry in a worker (1 death could be bad luck), never in the training process.
+        assert t.config.num_workers >= 1
+        crash = [e for e in t.events if e.kind == "fault" and e.data.get("cause") == "crash"]
+        assert len(crash) == 1 and 21 in crash[0].data["samples"]
+        # The epoch stays failed: no quiet end, no silent short epoch.
+        with pytest.raises(RuntimeError, match="kills the DataLoader worker"):
+            next(t)
+    assert 21 not in got and len(got) == len(set(got))
+
+
+@pytest.mark.timeout(60)
+def test_one_worker_segfault_is_retried_in_a_worker_then_raised():
+    with quiet(DataLoader(Segfaults(24, at=5), batch_size=4, num_workers=1), mode="apply") as t:
+        with pytest.raises(SampleCrashError, match="sample 5 "):
+            flat(t)
+        assert t.config.num_workers == 1
+
+
+@pytest.mark.timeout(60)
+def test_random_death_at_one_worker_retries_in_a_worker_without_losing_a_sample(tmp_path):
+    ds = KillOnce(40, at=9, flag=str(tmp_path / "killed"))
+    with quiet(DataLoader(ds, batch_size=4, num_workers=1), mode="apply") as t:
+        assert flat(t) == list(range(40))
+        # The dead worker's samples were suspects: loaded again in a worker, not in-process.
+        assert t.config.num_workers == 1
+        assert [e.data["cause"] for e in t.events if e.kind == "fault"] == ["died"]
+        assert not t._pipeline.crashes.suspects
+
+
+def test_dead_worker_batches_reads_torchs_task_bookkeeping():
+    workers = [SimpleNamespace(pid=100, is_alive=lambda: True), SimpleNamespace(pid=101, is_alive=lambda: False)]
+    it = SimpleNamespace(
+        _workers=workers,
+        _rcvd_idx=10,
+        # Task 10 is worker 0's, 11 and 13 worker 1's (13 queued behind 11), 12 has its data.
+        _task_info={10: (0,), 11: (1,), 12: (0, "data"), 13: (1,)},
+        _in_order=True,
+    )
+    issued = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    exc = RuntimeError("DataLoader worker (pid 101) is killed by signal: Segmentation fault. ")
+    assert dead_worker_batches(it, exc, issued) == [[2, 3], [6, 7]]
+    # Unreadable bookkeeping (out-of-order loading): every batch in flight is a suspect.
+    it._in_order = False
+    assert dead_worker_batches(it, exc, issued) == issued
+
+
+def test_crash_tracker_tells_a_repeat_from_bad_luck():
+    tracker = CrashTracker()
+    assert tracker.death([[1, 2], [3, 4]], "first") == []
+    tracker.delivered([1, 2])
+    assert tracker.suspects == {3, 4}
+    assert tracker.death([[4, 5]], "second") == [4]
+    tracker.reset()
+    assert not tracker.suspects and not tracker.deaths
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        (
+            "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            "RuntimeError: unable to allocate shared memory(shm) for file </torch_9_1_0>: No space left on device (28)",
+            "shm",
+        ),
+        ("DataLoader worker (pid 100) is killed by signal: Bus error. It is possible that ...", "shm"),
+        ("DataLoader worker (pid 100) is killed by signal: Segmentation fault. ", "died"),
+        ("DataLoader worker (pid 999) exited unexpectedly", "stale"),
+        ("[Errno 28] No space left on device: '/data/cache.bin'", "none"),
+    ],
+)
+def test_worker_death_classifies_shm_exhaustion_as_a_resource_fault(message, kind):
+    it = SimpleNamespace(_workers=[SimpleNamespace(pid=100, is_alive=lambda: True)])
+    assert worker_death(it, RuntimeError(message)) == kind
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["recommend", "apply"])
+def test_shm_error_in_a_worker_steps_down_and_serves_the_batch_again(tmp_path, mode, caplog):
+    ds = ShmFullOnce(48, at=13, flag=str(tmp_path / "full"))
+    loader = DataLoader(ds, batch_size=4, num_workers=2, prefetch_factor=2)
+    with quiet(loader, mode=mode) as t, caplog.at_level(logging.WARNING, "loadertune"):
+        assert flat(t) == list(range(48))
+        # 2 x 2 in flight halved.
+        assert t.config.num_workers * t.config.prefetch_factor == 2
+        faults = [e for e in t.events if e.kind == "fault"]
+        assert [e.data["cause"] for e in faults] == ["shm"]
+    assert "/dev/shm is full" in caplog.text
