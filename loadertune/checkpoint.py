@@ -259,10 +259,11 @@ def loader_state(tuned: TunedLoader) -> dict[str, Any]:
         )
     elif pipeline.kind != "iterable":
         # Between epochs the next epoch starts from the generators as they are now; the global
-        # RNG is the training script's to restore.
+        # RNG is the training script's to restore, the sampler's epoch its set_epoch's.
         epoch_start = EpochStart.capture(
             tuned.loader, _source(tuned), base_seed_drawn=pipeline._base_seed_drawn, global_rng=False
         )
+        epoch_start.sampler_epoch = None
     else:
         epoch_start = None
     session = tuned._session
