@@ -167,7 +167,7 @@ def _patched_iter(self: Any) -> Any:
     if _internal(self) or getattr(_state.local, "busy", False):
         return original(self)
     try:
-        obs = _observation_for(self)
+        obs = _observation_for(self, sys._getframe(1).f_globals.get("__name__", ""))
     except Exception as exc:
         logger.warning("not watching a DataLoader: %s: %s", type(exc).__name__, exc)
         return original(self)
@@ -213,7 +213,7 @@ def _internal(loader: Any) -> bool:
     return name.startswith("loadertune.") and name != "loadertune.instrument"
 
 
-def _observation_for(loader: Any) -> Observation:
+def _observation_for(loader: Any, caller: str) -> Observation:
     obs = _state.by_loader.get(loader)
     if obs is not None:
         return obs
@@ -224,11 +224,17 @@ def _observation_for(loader: Any) -> Observation:
         site = getattr(loader, "_loadertune_site", None) or _creation_site(loader)
         index = len(_state.observations)
         obs = Observation(site, index, loader, _state.options, _log_file(index, site))
+        obs.iterated_by = caller
         if _state.mode == "apply":
             _tune(obs, loader)
         _state.observations.append(obs)
         _state.by_loader[loader] = obs
         if not _state.exit_registered:
+            # Imported now, not at exit: a module imported during finalization may run exec()
+            # on a string (dataclasses do), which makes CPython forget an uncaught
+            # KeyboardInterrupt, and the job would exit 1 instead of dying of SIGINT.
+            import loadertune.runreport  # noqa: F401
+
             atexit.register(_at_exit)
             _state.exit_registered = True
     return obs
@@ -238,7 +244,7 @@ def _tune(obs: Observation, loader: Any) -> None:
     """Wraps ``loader`` with ``tune(mode="apply")``, or notes why it stays observed only."""
     import torch
 
-    reason = _refusal(loader, torch.is_grad_enabled())
+    reason = _refusal(loader, torch.is_grad_enabled(), obs.iterated_by)
     if reason is None:
         import dataclasses
 
@@ -255,8 +261,20 @@ def _tune(obs: Observation, loader: Any) -> None:
     obs.not_tuned = reason
 
 
-def _refusal(loader: Any, grad_enabled: bool) -> str | None:
-    """Why apply mode must not replace this loader's iteration, or None."""
+def _refusal(loader: Any, grad_enabled: bool, caller: str) -> str | None:
+    """Why apply mode must not replace this loader's iteration, or None.
+
+    Args:
+        loader: The DataLoader.
+        grad_enabled: Autograd's mode at its first ``iter()``.
+        caller: The module that called ``iter()`` on it.
+    """
+    if caller.split(".")[0] == "accelerate":
+        return (
+            "it was prepared by accelerate, which synchronizes its order (and shards it across "
+            "processes) inside its own iteration; tune() the plain DataLoader before "
+            "accelerator.prepare() instead (docs/distributed.md)"
+        )
     cls = type(loader)
     if cls.__iter__ is not _patched_iter:
         return f"its class {cls.__name__} has its own __iter__, which loadertune would bypass"

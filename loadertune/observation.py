@@ -89,7 +89,7 @@ class Observation:
     """
 
     def __init__(self, site: Site, index: int, loader: Any, options: Any, log_file: str | None) -> None:
-        from torch.utils.data import IterableDataset
+        from torch.utils.data import BatchSampler, IterableDataset
 
         from loadertune.config import LoaderConfig
 
@@ -98,8 +98,15 @@ class Observation:
         self.class_name = type(loader).__name__
         self.options = options
         self.log_file = log_file
-        self.config = LoaderConfig.from_loader(loader)
+        config = LoaderConfig.from_loader(loader)
         self.batch_size = loader.batch_size
+        sampler = loader.batch_sampler
+        if config.batch_size is None and type(sampler) is BatchSampler:
+            # A BatchSampler passed in holds the batch size (as TunedLoader reads it); the code
+            # to change is then that sampler's, so batch-size advice stays off (batch_size None).
+            config = config.replace(batch_size=sampler.batch_size)
+        self.config = config
+        self.iterated_by = ""  # the module that first called iter() on the loader
         self.iterable = isinstance(loader.dataset, IterableDataset)
         self.shuffled = _shuffled(loader)
         self.session: Any = None
@@ -240,6 +247,7 @@ class Observation:
             "site": self.site.to_dict(),
             "index": self.index,
             "class": self.class_name,
+            "iterated_by": self.iterated_by,
             "mode": "apply" if self.tuned is not None else "recommend",
             "not_tuned": self.not_tuned,
             "error": self.error,

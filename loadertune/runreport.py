@@ -148,7 +148,8 @@ def classify(loader: dict[str, Any], shuffled_elsewhere: bool = False) -> tuple[
     if loader.get("shuffled") is False and shuffled_elsewhere:
         return "evaluation", "read in order while another loader shuffles"
     if loader.get("metrics") is None:
-        return "brief", f"{batches} batch(es): too few to measure"
+        seconds = loader.get("busy_s") or 0.0
+        return "brief", f"{batches} batches in {seconds:.1f} s: shorter than one measurement window"
     return "training", ""
 
 
