@@ -143,7 +143,7 @@ class EpochStart:
         the training script's own state comes back.
         """
         gens = _generators(loader, source)
-        for g, state in zip(_distinct(gens), self.generators):
+        for g, state in zip(_distinct(gens), self.generators, strict=True):
             g.set_state(_rng_tensor(state))
         if self.sampler_epoch is not None:
             epoch_sampler = _epoch_sampler(source)

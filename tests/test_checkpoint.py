@@ -26,7 +26,6 @@ from torch.utils.data import (
     DistributedSampler,
     IterableDataset,
     RandomSampler,
-    SequentialSampler,
 )
 
 import loadertune
@@ -350,7 +349,7 @@ def test_any_checkpoint_position_resumes_exactly_once(epoch, step, change, resum
     t2 = quiet(loader(resume_bs), mode="apply", allow_batch_size=True, lr_rule="none")
     t2.load_state_dict(state, warm_start=False)
     torch.set_rng_state(rng)
-    after = finish(t2) if state["mid_epoch"] else [[]] + finish(t2)
+    after = finish(t2) if state["mid_epoch"] else [[], *finish(t2)]
     t2.close()
     assert joined(before, after) == ref
 
@@ -451,11 +450,11 @@ def test_distributed_ranks_resume_their_own_shards_and_refuse_another_world_size
         assert before[rank] + [i for b in t for i in b.tolist()] == [int(i) for b in ref for i in b]
         t.close()
     t = quiet(_distributed(4, 0))
-    with pytest.raises(ValueError, match="world size was 2 .* now 4; .* epoch boundary"):
+    with pytest.raises(ValueError, match=r"world size was 2 .* now 4; .* epoch boundary"):
         t.load_state_dict(states[0])
     t.close()
     t = quiet(_distributed(2, 1))
-    with pytest.raises(ValueError, match="rank was 0 .* now 1; load each rank's own state"):
+    with pytest.raises(ValueError, match=r"rank was 0 .* now 1; load each rank's own state"):
         t.load_state_dict(states[0])
     t.close()
 
@@ -493,7 +492,7 @@ def test_with_seed_resumed_batches_are_bit_identical():
     t2.load_state_dict(state)
     rest = [torch.cat(list(t2)), torch.cat(list(t2))]
     t2.close()
-    assert torch.equal(torch.cat(head + [rest[0]]), ref[0]) and torch.equal(rest[1], ref[1])
+    assert torch.equal(torch.cat([*head, rest[0]]), ref[0]) and torch.equal(rest[1], ref[1])
 
 
 # -- learning rate -----------------------------------------------------------------------------------
@@ -547,3 +546,51 @@ def test_state_is_plain_data_with_named_keys():
     buf = io.BytesIO()
     torch.save(state, buf)
     assert torch.load(io.BytesIO(buf.getvalue()), weights_only=True) == pickle.loads(pickle.dumps(state)) == state
+
+
+# -- Lightning ---------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_lightning_checkpoints_carry_the_callback_state(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from loadertune.integrations.lightning import LoadertuneCallback
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+            self.workers = {}
+
+        def training_step(self, batch, batch_idx):
+            self.workers[self.current_epoch] = self.trainer.train_dataloader.num_workers
+            return self.net(batch.float().unsqueeze(1)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return DataLoader(Indexed(16), batch_size=4)
+
+    def trainer(epochs, cb):
+        return pl.Trainer(
+            max_epochs=epochs, callbacks=[cb], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        )
+
+    cb = LoadertuneCallback(mode="apply", host=None, gpu=None, window_s=3600.0)
+    t = trainer(1, cb)
+    t.fit(Model())
+    cb.config = cb.config.replace(num_workers=1)  # as if tuned
+    cb._session.controller.ceiling_workers = 3
+    cb._session.controller.config = cb.config
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"]
+    [state] = [v for k, v in saved.items() if "LoadertuneCallback" in k]
+    assert state["config"]["num_workers"] == 1 and state["controller"]["ceiling_workers"] == 3
+
+    cb2 = LoadertuneCallback(mode="apply", host=None, gpu=None, window_s=3600.0)
+    model = Model()
+    trainer(3, cb2).fit(model, ckpt_path=tmp_path / "a.ckpt")
+    assert cb2._session.controller.ceiling_workers == 3
+    assert model.workers == {1: 1, 2: 1}
+    with pytest.raises(ValueError, match="format version was 0"):
+        cb2.load_state_dict({**state, "version": 0})

@@ -92,6 +92,8 @@ _REFUSED = {
 }
 # Settings the callback can change on a live DataLoader; persistent_workers torch forbids.
 _SETTABLE = ("num_workers", "prefetch_factor", "pin_memory")
+_STATE_FORMAT = "loadertune.LoadertuneCallback"
+_STATE_VERSION = 1
 
 
 class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
@@ -102,6 +104,9 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         mode: ``"recommend"`` logs what to change; ``"apply"`` also changes ``num_workers``,
             ``prefetch_factor`` and ``pin_memory`` of the train DataLoader at the next epoch
             boundary, keeping a change only if throughput rose by more than the noise.
+        warm_start: When Lightning resumes from a checkpoint, take back the tuned settings
+            (applied at the next epoch boundary) and what the controller learned; False tunes
+            from scratch.
         **tune_options: The options of :func:`loadertune.tune` that make sense here: ``gpu``,
             ``log_file``, ``window_s``, ``min_window_batches``, ``interval_s``, ``max_workers``,
             ``ram_budget_share``, ``host``, ``sinks``, ``dist_timeout_s`` and ``lr_rule`` (for the
@@ -123,7 +128,7 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         >>> trainer = Trainer(callbacks=[LoadertuneCallback(mode="apply")])
     """
 
-    def __init__(self, mode: str = "recommend", **tune_options: Any) -> None:
+    def __init__(self, mode: str = "recommend", *, warm_start: bool = True, **tune_options: Any) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -154,6 +159,8 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         self._warned: set[str] = set()
         self._can_apply = False
         self._running = False
+        self.warm_start = warm_start
+        self._resumed: dict[str, Any] | None = None
         # The validation loaders, observed (never changed) from their own hooks.
         self._val: TuningSession | None = None
         self._val_config: LoaderConfig | None = None
@@ -234,6 +241,54 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
             epoch=trainer.current_epoch,
         )
         self._running = True
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and self.warm_start:
+            # A warm start: what was learned comes back, and in apply mode the tuned settings
+            # are set at the next epoch boundary (the first iterator may exist already).
+            self._session.controller.load_state_dict(resumed["controller"])
+            if self._can_apply and resumed["config"] is not None:
+                saved = LoaderConfig(**resumed["config"])
+                self.config = self.config.replace(**{k: getattr(saved, k) for k in _SETTABLE})
+            self._session.controller.config = self.config
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a Lightning checkpoint keeps of this callback: the tuned settings, what the
+        controller learned, the changes applied. (Lightning resumes the loader's position
+        itself; the callback never wraps the loader.)"""
+        if self._session is not None:
+            controller = self._session.controller.state_dict()
+        elif self._resumed is not None:
+            controller = self._resumed["controller"]
+        else:
+            controller = None
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "config": self.config.to_dict() if self.config is not None else None,
+            "controller": controller,
+            "applied": [[epoch, config.to_dict()] for epoch, config in self._applied_epochs],
+            "batches": self._batches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Takes back :meth:`state_dict` (Lightning calls it when resuming from a checkpoint).
+
+        Raises:
+            ValueError: Not this callback's state, or another format version.
+        """
+        state = state_dict
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a LoadertuneCallback state (want format={_STATE_FORMAT!r})")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"cannot resume: format version was {state.get('version')!r} when the state was saved, "
+                f"now {_STATE_VERSION}; resume with the loadertune that saved it, or drop the "
+                "callback's entry from the checkpoint to tune from scratch"
+            )
+        self._batches = int(state["batches"])
+        self._applied_epochs = [(int(e), LoaderConfig(**c)) for e, c in state["applied"]]
+        self._resumed = state if state.get("controller") is not None else None
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Applies a pending change to the DataLoader before this epoch's iterator exists."""
