@@ -339,7 +339,9 @@ class LoaderPipeline:
         except OSError:
             return None
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        ours = (self._in_flight_batches() + SHM_HELD_BATCHES) * nbytes
+        ours = _own_shm_bytes(self.shm_path, self.worker_pids())
+        if ours is None:  # no /proc: at most what our loaders can hold
+            ours = (self._in_flight_batches() + SHM_HELD_BATCHES) * nbytes
         capacity = free + min(max(0, total - free), ours)
         return int(SHM_MARGIN * capacity // nbytes) - SHM_HELD_BATCHES, total
 
@@ -537,6 +539,39 @@ def _shutdown(loader: DataLoader | None, it: Any) -> None:
 
 
 _NOTHING = object()
+
+
+def _own_shm_bytes(shm_path: str, worker_pids: list[int]) -> int | None:
+    """Bytes of ``shm_path`` this process and its workers hold now: the files they map or keep
+    open (a batch in transit is an open descriptor in its worker), each counted once."""
+    prefix = shm_path.rstrip("/") + "/"
+    sizes: dict[tuple[str, str], int] = {}
+    for pid in [os.getpid(), *worker_pids]:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    if prefix not in line:
+                        continue
+                    fields = line.split(None, 5)
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    key = (fields[3], fields[4])
+                    sizes[key] = max(sizes.get(key, 0), end - start)
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            if pid == os.getpid():
+                return None
+            continue  # a worker that just exited
+        for fd in fds:
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
+                if not os.readlink(path).startswith(prefix):
+                    continue
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino))
+            sizes[key] = max(sizes.get(key, 0), st.st_size)
+    return sum(sizes.values())
 
 
 class _Failed:
