@@ -39,6 +39,16 @@ logger = logging.getLogger("loadertune")
 _CPU_EVERY = 8
 
 
+def _restored(loader: DataLoader, options: TuneOptions, config: LoaderConfig) -> TunedLoader:
+    """Unpickles a :class:`TunedLoader`: a fresh one over ``loader``, at ``config``."""
+    tuned = TunedLoader(loader, options)
+    if config != tuned.config:
+        tuned._pipeline.switch(config)
+        tuned.config = config
+        tuned._session.controller.note_external_change(config)
+    return tuned
+
+
 def tune(
     loader: DataLoader,
     *,
@@ -419,6 +429,12 @@ class TunedLoader:
         if name.startswith("_") or name == "loader":
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+    def __reduce__(self) -> Any:
+        # Like a DataLoader, a TunedLoader pickles (and deep-copies) as its settings: the wrapped
+        # loader, the options and the configuration in use. The copy measures afresh; workers,
+        # threads and the epoch in progress are not carried.
+        return (_restored, (self.loader, self.options, self.config))
 
     def __enter__(self) -> TunedLoader:
         return self

@@ -364,3 +364,38 @@ def test_a_memory_step_down_is_a_limit_not_an_experiment():
             d = controller.decide(m, diagnose(m, t.config, model_environment(None)), now_s=1e6 + 100 * k)
             assert d.config.num_workers <= 1
         assert rest(it) == list(range(4, 64))
+
+
+# -- pickling ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_tuned_loader_pickles_and_copies_like_a_dataloader(how):
+    import copy
+    import pickle
+
+    with quiet(DataLoader(Indexed(20), batch_size=4)) as t:
+        t.reconfigure(batch_size=5)
+        clone = pickle.loads(pickle.dumps(t)) if how == "pickle" else copy.deepcopy(t)
+        with clone:
+            assert clone is not t and clone.config == t.config
+            assert flat(clone) == flat(t) == list(range(20))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_workers": True}, "max_workers must be an int"),
+        ({"ram_budget_share": True}, "ram_budget_share must be a number"),
+        ({"sinks": print}, "sinks must be a sequence of callables"),
+        ({"iterable_shards": "yes"}, "iterable_shards must be True or False"),
+    ],
+)
+def test_options_that_are_not_what_they_look_like_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quiet(DataLoader(Indexed(4)), **kwargs)
+
+
+def test_reconfigure_refuses_a_truthy_string_for_a_flag():
+    from loadertune.errors import ReconfigureError
+
+    with quiet(DataLoader(Indexed(4))) as t, pytest.raises(ReconfigureError, match="pin_memory must be True or False"):
+        t.reconfigure(pin_memory="yes")
