@@ -187,10 +187,22 @@ class _RankSink:
             fh.write(json.dumps(row) + "\n")
 
 
+def _starved_window(loop: Any, ticks: Any, config: Any) -> Any:
+    """A window measured as a function of the configuration: starved without workers."""
+    from tests.test_session import starved
+
+    return starved(config, batch=8)
+
+
 class _ForkingModel(_Model):
     def setup(self, stage: str) -> None:
         # ddp_spawn's ranks would otherwise spawn their DataLoader workers too (seconds each).
         multiprocessing.set_start_method("fork", force=True)
+        # Each rank is told the same measurements, whatever the load on the machine: the test
+        # is about the ranks agreeing, not about measuring.
+        import loadertune.session
+
+        loadertune.session.compute_metrics = _starved_window
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Slow(n=640), batch_size=8)
