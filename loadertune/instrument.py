@@ -69,6 +69,7 @@ class _State:
         self.lock = threading.Lock()
         self.local = threading.local()
         self.exit_registered = False
+        self.handler: logging.Handler | None = None
         self.original_init: Any = None
         self.original_iter: Any = None
         self.original_next: Any = None
@@ -140,6 +141,7 @@ def _add_stderr_handler(rank: int | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[loadertune] {who}%(message)s"))
     logger.addHandler(handler)
+    _state.handler = handler
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
@@ -292,26 +294,35 @@ def _refusal(loader: Any, grad_enabled: bool, caller: str) -> str | None:
 
 
 def _creation_site(loader: Any) -> Site:
-    """The first frame outside torch, the frameworks, loadertune and the loader's __init__s."""
+    """The first frame outside torch, the frameworks, loadertune and the loader's __init__s.
+
+    ``Site.via`` names the framework module the user's code called into to get the loader
+    (``transformers.trainer`` for a Trainer's loaders): the change to make is then in that
+    framework's settings rather than in a ``DataLoader(...)`` call.
+    """
     import linecache
 
     frame = sys._getframe(1)
     fallback = None
+    via = ""
     while frame is not None:
-        path = frame.f_code.co_filename
-        own_init = frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is loader
+        code = frame.f_code
+        path = code.co_filename
+        own_init = code.co_name == "__init__" and frame.f_locals.get("self") is loader
         if not own_init and not path.startswith(_PACKAGE_DIR) and not path.startswith("<frozen"):
             if fallback is None:
                 fallback = frame
             if not any(part in path for part in _LIBRARY_PARTS):
                 break
+            via = frame.f_globals.get("__name__", "")
         frame = frame.f_back
-    frame = frame or fallback
+    if frame is None:
+        frame, via = fallback, ""
     if frame is None:
         return Site("<unknown>", 0, "<unknown>")
-    path = os.path.abspath(frame.f_code.co_filename) if not frame.f_code.co_filename.startswith("<") else frame.f_code.co_filename
-    code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-    return Site(path, frame.f_lineno, frame.f_code.co_name, code)
+    name = frame.f_code.co_filename
+    path = name if name.startswith("<") else os.path.abspath(name)
+    return Site(path, frame.f_lineno, frame.f_code.co_name, linecache.getline(name, frame.f_lineno).strip(), via)
 
 
 def _file_stem() -> str:
@@ -345,6 +356,10 @@ def _write_report(final: bool) -> None:
 def _at_exit() -> None:
     if os.getpid() != _state.pid or not _state.observations:
         return
+    # Each session logs its summary as it closes; the parent's report says it all, once.
+    quiet = logging.WARNING if _state.handler is not None else None
+    if quiet is not None:
+        _state.handler.setLevel(quiet)
     for obs in _state.observations:
         obs.close()
     _write_report(final=True)

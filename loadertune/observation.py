@@ -37,12 +37,15 @@ class Site:
         line: Line number.
         function: The function that created it.
         code: The source line, stripped ("" when unavailable).
+        via: The framework module that code called to get the loader ("" when it built the
+            loader itself), e.g. ``transformers.trainer``.
     """
 
     path: str
     line: int
     function: str
     code: str = ""
+    via: str = ""
 
     @property
     def name(self) -> str:
@@ -321,13 +324,17 @@ def _shuffled(loader: Any) -> bool | None:
     """Whether the loader draws a random order (None when it cannot be told)."""
     from torch.utils.data import RandomSampler, SequentialSampler
 
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, RandomSampler):
-        return True
-    if isinstance(sampler, SequentialSampler):
-        return False
-    shuffle = getattr(sampler, "shuffle", None)  # DistributedSampler and its kind
-    return shuffle if isinstance(shuffle, bool) else None
+    # A batch_sampler passed in holds the real order (the loader's own .sampler is then a
+    # default SequentialSampler): accelerate's and the Hugging Face Trainer's loaders.
+    for sampler in (getattr(loader.batch_sampler, "sampler", None), loader.sampler):
+        if isinstance(sampler, RandomSampler):
+            return True
+        if isinstance(sampler, SequentialSampler):
+            return False
+        shuffle = getattr(sampler, "shuffle", None)  # DistributedSampler and its kind
+        if isinstance(shuffle, bool):
+            return shuffle
+    return None
 
 
 def _tuned_summary(tuned: Any) -> dict[str, Any] | None:

@@ -153,13 +153,35 @@ def classify(loader: dict[str, Any], shuffled_elsewhere: bool = False) -> tuple[
     return "training", ""
 
 
-def code_change(before: dict[str, Any], after: dict[str, Any], class_name: str = "DataLoader") -> str | None:
+#: Where a Hugging Face Trainer takes each DataLoader setting from (``TrainingArguments``).
+TRAINING_ARGUMENTS = {
+    "num_workers": "dataloader_num_workers",
+    "prefetch_factor": "dataloader_prefetch_factor",
+    "pin_memory": "dataloader_pin_memory",
+    "persistent_workers": "dataloader_persistent_workers",
+    "batch_size": "per_device_train_batch_size",
+}
+
+
+def code_change(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    class_name: str = "DataLoader",
+    names: dict[str, str] | None = None,
+) -> str | None:
     """The constructor arguments that turn ``before`` into ``after``, e.g.
     ``DataLoader(..., num_workers=8, persistent_workers=True)``; None when nothing changes.
 
     Settings torch derives by itself are left out: ``prefetch_factor=2`` (its default with
     workers), and ``prefetch_factor``/``persistent_workers`` without workers.
+
+    Args:
+        before: The settings in use.
+        after: The settings to move to.
+        class_name: What to call: the loader's class, or ``TrainingArguments``.
+        names: The argument name of each setting there, when it is not the DataLoader's.
     """
+    names = names or {}
     args = []
     for name in _SETTINGS:
         old, new = before.get(name), after.get(name)
@@ -170,13 +192,23 @@ def code_change(before: dict[str, Any], after: dict[str, Any], class_name: str =
             continue
         if name == "prefetch_factor" and new == _TORCH_DEFAULT_PREFETCH and (before.get("num_workers") or 0) == 0:
             continue
-        args.append(f"{name}={new!r}")
+        args.append(f"{names.get(name, name)}={new!r}")
     if not args:
         return None
     return f"{class_name}(..., {', '.join(args)})"
 
 
-def verdict(loader: dict[str, Any]) -> dict[str, Any]:
+def _call_for(loader: dict[str, Any], role: str) -> tuple[str, dict[str, str]]:
+    """What the change is written as: the loader's constructor, or the framework's settings."""
+    if (loader.get("site") or {}).get("via", "").split(".")[0] == "transformers":
+        names = dict(TRAINING_ARGUMENTS)
+        if role == "evaluation":
+            names["batch_size"] = "per_device_eval_batch_size"
+        return "TrainingArguments", names
+    return loader.get("class") or "DataLoader", {}
+
+
+def verdict(loader: dict[str, Any], role: str = "training") -> dict[str, Any]:
     """What the report says about one loader, as data.
 
     Returns:
@@ -205,10 +237,10 @@ def verdict(loader: dict[str, Any]) -> dict[str, Any]:
     }
     config = loader.get("config") or {}
     final = loader.get("final_config") or config
-    cls = loader.get("class") or "DataLoader"
+    cls, names = _call_for(loader, role)
     if loader.get("mode") == "apply" and final != config:
         # Tuned live: the change to keep is what the tuner settled on.
-        out["change"] = code_change(config, final, cls)
+        out["change"] = code_change(config, final, cls, names)
         out["recommendation"] = "applied live: " + _changes_text(config, final)
         summary = loader.get("summary") or {}
         first, last = summary.get("first_samples_per_s"), summary.get("last_samples_per_s")
@@ -219,7 +251,7 @@ def verdict(loader: dict[str, Any]) -> dict[str, Any]:
         out["recommendation"] = _changes_text(final, target)
         out["expected_speedup"] = rec.get("expected_speedup")
         out["reason"] = rec.get("reason")
-        out["change"] = code_change(config, target, cls)
+        out["change"] = code_change(config, target, cls, names)
         lr = rec.get("lr_factor")
         if lr and target.get("batch_size") != final.get("batch_size"):
             out["lr_note"] = f"scale the learning rate by {lr:.3g} with the new batch size"
@@ -256,7 +288,7 @@ def report_json(
                     "pid": report.pid,
                     "role": role,
                     "role_reason": why,
-                    **verdict(entry),
+                    **verdict(entry, role),
                     "loader": entry,
                 }
             )

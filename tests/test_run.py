@@ -193,6 +193,25 @@ def test_under_a_lightning_trainer(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_under_the_hugging_face_trainer(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    report = tmp_path / "report.json"
+    result = _run("--json", str(report), *FAST, *_script("hf_trainer_train.py", "--steps", "40"))
+    assert result.returncode == 0, result.stderr
+    assert "trained 40 steps" in result.stdout
+    site = _site("hf_trainer_train.py", "trainer.train()")
+    items = _loaders(json.loads(report.read_text()), site)
+    # The Trainer builds the loaders; the site is the user's line that made it, and the change
+    # is written in the Trainer's own settings.
+    roles = sorted(item["role"] for item in items)
+    assert roles == ["evaluation", "evaluation", "training"]
+    (train,) = [item for item in items if item["role"] == "training"]
+    assert train["loader"]["site"]["via"].startswith("transformers.")
+    if train["change"] is not None:
+        assert train["change"].startswith("TrainingArguments(..., dataloader_num_workers=")
+
+
+@pytest.mark.timeout(120)
 def test_signals_reach_the_job_and_its_status_comes_back() -> None:
     cmd = [sys.executable, "-m", "loadertune", "run", "--quiet", *_script("wait_for_signal.py", "--catch-term")]
     for sent, status, said in ((signal.SIGTERM, 7, "job: got SIGTERM"), (signal.SIGINT, 130, "KeyboardInterrupt")):
