@@ -196,8 +196,12 @@ def estimate_workers(
         ram_cap = max(1, bounds.ram_budget_bytes // m.worker_mem_bytes)
         caps["ram"] = ram_cap
     if bounds.batch_bytes and m.shm_free_bytes is not None:
-        prefetch = config.prefetch_factor or 2
-        shm_cap = max(1, int(0.5 * m.shm_free_bytes) // (prefetch * bounds.batch_bytes))
+        # Room in /dev/shm: what is free plus what this loader's own batches take (at most what is
+        # used), a 10% margin, less the batch the loop holds. The loader pipeline fits
+        # prefetch_factor into it, so each worker needs one batch of room (issue 14).
+        used = max(0, (m.shm_total_bytes or m.shm_free_bytes) - m.shm_free_bytes)
+        ours = min(used, (w * (config.prefetch_factor or 0) + 1) * bounds.batch_bytes)
+        shm_cap = max(1, int(0.9 * (m.shm_free_bytes + ours)) // bounds.batch_bytes - 1)
         caps["shm"] = shm_cap
     limited_by, cap = min(caps.items(), key=lambda kv: kv[1])
     target = min(needed, cap)

@@ -1,0 +1,97 @@
+"""A latency-bound job with 19 MB batches in Docker's default 64 MiB /dev/shm (issue 14).
+
+Each run is a separate process in a private mount namespace with a fresh 64 MiB tmpfs on
+/dev/shm (needs root and ``unshare``). Static configurations show where the plain DataLoader
+dies; apply mode must not crash and must reach >= 80% of the best static that does not.
+
+    python -m bench.shm [--samples 1920]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_JOB = r'''
+import json, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+N, MODE, WORKERS, PREFETCH = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+class Images(Dataset):  # 3x224x224 float32, 2 ms of I/O latency each: 32 per batch = 19 MB
+    def __len__(self):
+        return N
+    def __getitem__(self, i):
+        time.sleep(0.002)
+        x = torch.zeros(3, 224, 224)
+        x[0, 0, 0] = i
+        return x
+
+kw = {"num_workers": WORKERS}
+if WORKERS:
+    kw["prefetch_factor"] = PREFETCH
+loader = DataLoader(Images(), batch_size=32, **kw)
+if MODE != "static":
+    import loadertune
+    loader = loadertune.tune(loader, mode=MODE, gpu=None, window_s=1.0)
+seen = []
+start = time.perf_counter()
+try:
+    for x in loader:
+        seen.extend(int(v) for v in x[:, 0, 0, 0])
+        time.sleep(0.02)  # the training step
+    status = "ok" if sorted(seen) == list(range(N)) else "WRONG SAMPLES"
+except Exception as exc:
+    status = "CRASH: " + str(exc).strip().splitlines()[-1][:90]
+elapsed = time.perf_counter() - start
+final = getattr(loader, "config", None)
+if hasattr(loader, "close"):
+    loader.close()
+print(json.dumps({"status": status, "samples_per_s": len(seen) / elapsed,
+                  "final": final.describe() if final is not None else None}))
+'''
+
+
+def run(samples: int, mode: str, workers: int, prefetch: int, script: str) -> dict:
+    cmd = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {script} {samples} {mode} {workers} {prefetch}"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, env=env, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:90]
+        return {"status": f"CRASH (exit {proc.returncode}): {tail}", "samples_per_s": 0.0, "final": None}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1920)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench.shm needs root for a private /dev/shm (unshare -m)")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "job.py")
+        with open(script, "w") as f:
+            f.write(_JOB)
+        rows = []
+        for workers, prefetch in [(0, 0), (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (6, 2)]:
+            rows.append((f"static {workers} x {prefetch or '-'}", run(args.samples, "static", workers, prefetch, script)))
+        rows.append(("loadertune recommend (0 workers)", run(args.samples, "recommend", 0, 0, script)))
+        rows.append(("loadertune apply (from 0 workers)", run(args.samples, "apply", 0, 0, script)))
+    best = max((r["samples_per_s"] for name, r in rows if name.startswith("static") and r["status"] == "ok"), default=0.0)
+    print(f"{'run':36} {'samples/s':>10} {'of best':>8}  status / final config")
+    for name, r in rows:
+        share = r["samples_per_s"] / best if best else 0.0
+        print(f"{name:36} {r['samples_per_s']:10.0f} {share:8.0%}  {r['status']}" + (f" / {r['final']}" if r["final"] else ""))
+    apply = rows[-1][1]
+    ok = apply["status"] == "ok" and best and apply["samples_per_s"] >= 0.8 * best
+    print(f"apply mode: {'PASS' if ok else 'MISS'} (no crash, >= 80% of the best static that does not crash)")
+
+
+if __name__ == "__main__":
+    main()
