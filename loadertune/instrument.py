@@ -255,7 +255,7 @@ def _tune(obs: Observation, loader: Any) -> None:
         options = dataclasses.replace(_state.options, log_file=obs.log_file)
         _state.local.busy = True
         try:
-            obs.tuned = TunedLoader(loader, **{k: getattr(options, k) for k in options.names()})
+            obs.tuned = TunedLoader(loader, options)
         except ValueError as exc:
             reason = f"tune() refused it: {exc}"
         finally:
@@ -326,8 +326,9 @@ def _creation_site(loader: Any) -> Site:
 
 
 def _file_stem() -> str:
-    rank = f"rank{_state.rank}" if _state.rank is not None else "rank-"
-    return f"{rank}-pid{_state.pid}"
+    if _state.rank is None:
+        return f"pid{_state.pid}"
+    return f"rank{_state.rank}-pid{_state.pid}"
 
 
 def _log_file(index: int, site: Site) -> str:

@@ -342,7 +342,8 @@ def format_report(document: dict[str, Any]) -> list[str]:
             items.sort(key=lambda x: x["rank"] if x["rank"] is not None else -1)
             entry = items[0]["loader"]
             code = entry["site"].get("code") or ""
-            lines.append(f"{name}: {code}" if code else name)
+            via = entry["site"].get("via") or ""
+            lines.append((f"{name}: {code}" if code else name) + (f"  (made inside {via})" if via else ""))
             for item in items:
                 lines.extend(_loader_lines(item, brief=role != "training"))
     logs = document.get("log_dir")
