@@ -30,7 +30,7 @@ import numpy as np
 
 from loadertune.config import LoaderConfig
 from loadertune.controller import Bounds, Controller
-from loadertune.diagnose import Diagnosis, diagnose
+from loadertune.diagnosis import Diagnosis, diagnose
 from loadertune.metrics import compute_metrics
 from loadertune.timer import LoopTimer
 

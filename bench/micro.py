@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import loadertune
 from bench.workloads import CheapDataset
 from loadertune.config import LoaderConfig
-from loadertune.diagnose import Environment
+from loadertune.diagnosis import Environment
 from loadertune.metrics import WindowMetrics
 from loadertune.sampler import Sampler
 from loadertune.sim import SimulatedGpu
@@ -711,13 +711,13 @@ def diagnosis_scenarios(per_kind: int = 8, hard_per_kind: int = 4, seed: int = 0
 
 
 def diagnosis_accuracy(real: Sequence[tuple[str, str, str]] = ()) -> dict[str, Any]:
-    """Share of labelled windows that ``loadertune.diagnose`` gets right.
+    """Share of labelled windows that ``loadertune.diagnosis`` gets right.
 
     Args:
         real: ``(workload, diagnosed, expected)`` from real short runs (the workloads' first
             windows), reported separately.
     """
-    from loadertune.diagnose import diagnose
+    from loadertune.diagnosis import diagnose
 
     cases = diagnosis_scenarios()
     per_kind: dict[str, list[bool]] = {}

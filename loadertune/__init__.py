@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 # ``import loadertune`` imports neither torch nor pynvml.
 _EXPORTS = {
     "Bounds": "loadertune.controller",
-    "Diagnosis": "loadertune.diagnose",
-    "Environment": "loadertune.diagnose",
+    "Diagnosis": "loadertune.diagnosis",
+    "Environment": "loadertune.diagnosis",
     "Event": "loadertune.events",
     "GpuReading": "loadertune.sources.base",
     "HostReading": "loadertune.sources.base",
@@ -31,10 +31,10 @@ _EXPORTS = {
     "Sampler": "loadertune.sampler",
     "SchedulerNotScalableError": "loadertune.errors",
     "Snapshot": "loadertune.sampler",
-    "Thresholds": "loadertune.diagnose",
+    "Thresholds": "loadertune.diagnosis",
     "TunedLoader": "loadertune.tuned",
     "WindowMetrics": "loadertune.metrics",
-    "diagnose": "loadertune.diagnose",
+    "diagnose": "loadertune.diagnosis",
     "read_events": "loadertune.events",
     "scale_lr": "loadertune.lr",
     "seed_everything": "loadertune.seeding",
@@ -46,7 +46,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 if TYPE_CHECKING:
     from loadertune.config import LoaderConfig
     from loadertune.controller import Bounds, Recommendation
-    from loadertune.diagnose import Diagnosis, Environment, Thresholds, diagnose
+    from loadertune.diagnosis import Diagnosis, Environment, Thresholds, diagnose
     from loadertune.errors import LoadertuneError, ReconfigureError, SchedulerNotScalableError
     from loadertune.events import Event, read_events
     from loadertune.lr import scale_lr

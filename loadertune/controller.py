@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loadertune.config import LoaderConfig
-from loadertune.diagnose import Diagnosis, over_provisioned
+from loadertune.diagnosis import Diagnosis, over_provisioned
 from loadertune.metrics import WindowMetrics
 
 __all__ = [

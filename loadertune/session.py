@@ -24,7 +24,7 @@ import torch
 
 from loadertune.config import LoaderConfig
 from loadertune.controller import Controller, Decision, Recommendation
-from loadertune.diagnose import Diagnosis, Environment, diagnose
+from loadertune.diagnosis import Diagnosis, Environment, diagnose
 from loadertune.events import Event, EventLog
 from loadertune.metrics import WindowMetrics, compute_metrics
 from loadertune.options import TuneOptions, resolve_lr

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from loadertune.config import LoaderConfig
 from loadertune.controller import Decision, Recommendation
-from loadertune.diagnose import Diagnosis
+from loadertune.diagnosis import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
 from loadertune.faults import WORKER_DIED, SampleCrashError, worker_death

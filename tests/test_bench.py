@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from bench import micro, run, workloads
-from loadertune.diagnose import DIAGNOSIS_KINDS
+from loadertune.diagnosis import DIAGNOSIS_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ def _key(metrics: Any, config: Any, env: Any) -> str:
 
 
 def test_diagnosis_accuracy_counts_right_and_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
-    import loadertune.diagnose as diagnose_module
+    import loadertune.diagnosis as diagnose_module
 
     cases = micro.diagnosis_scenarios()
     # A scripted diagnose: right on every window except the first two, which it calls "balanced"
@@ -111,7 +111,7 @@ def test_diagnosis_accuracy_counts_right_and_wrong(monkeypatch: pytest.MonkeyPat
 
 
 def test_diagnosis_accuracy_all_right_lists_no_misses(monkeypatch: pytest.MonkeyPatch) -> None:
-    import loadertune.diagnose as diagnose_module
+    import loadertune.diagnosis as diagnose_module
 
     labels = {_key(*c[3:]): c[0] for c in micro.diagnosis_scenarios()}
     monkeypatch.setattr(

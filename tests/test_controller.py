@@ -7,7 +7,7 @@ from _factories import GIB, metrics
 
 from loadertune.config import LoaderConfig
 from loadertune.controller import Bounds, Controller, default_max_workers, estimate_workers, plan
-from loadertune.diagnose import diagnose
+from loadertune.diagnosis import diagnose
 
 BOUNDS = Bounds(usable_cpus=2, max_workers=16, ram_budget_bytes=8 * GIB)
 

@@ -345,7 +345,7 @@ def test_a_sampler_cut_short_does_not_end_the_epoch_early(workers):
 # -- the RAM budget wins over throughput -----------------------------------------------------------
 def test_a_memory_step_down_is_a_limit_not_an_experiment():
     from tests._factories import metrics
-    from loadertune.diagnose import diagnose
+    from loadertune.diagnosis import diagnose
     from loadertune.session import model_environment
 
     with quiet(DataLoader(Indexed(64), batch_size=4, num_workers=2), mode="apply") as t:

@@ -141,7 +141,7 @@ def test_apply_mode_takes_the_same_decisions_through_both_front_ends(scripted: l
 
 
 def test_apply_mode_bounds_workers_by_a_small_dev_shm(monkeypatch: pytest.MonkeyPatch) -> None:
-    shm_free = 64 * MIB
+    shm_free = 16 * MIB
     measured: list[LoaderConfig] = []
 
     def compute(loop: Any, ticks: Any, config: LoaderConfig) -> Any:
@@ -159,9 +159,10 @@ def test_apply_mode_bounds_workers_by_a_small_dev_shm(monkeypatch: pytest.Monkey
     batch_bytes = 2 * 512 * 1024 * 4
     for e in changes:
         after = e.data["after"]
-        in_flight = after["num_workers"] * (after["prefetch_factor"] or 0) * batch_bytes
-        # Unbounded, the rates alone call for 5 workers (4 x 2 x 4 MiB = 40 MiB > half of 64 MiB).
-        assert in_flight <= 0.5 * shm_free, after
+        # At least a batch per worker in flight, and the one the loop holds (the pipeline fits
+        # prefetch_factor to the real /dev/shm: tests/test_pipeline.py, in a 64 MiB tmpfs).
+        # Unbounded, the rates alone call for 5 workers (24 MiB in a 16 MiB /dev/shm).
+        assert (after["num_workers"] + 1) * batch_bytes <= 0.9 * shm_free, after
 
 
 def test_the_callback_builds_no_decision_path_of_its_own() -> None:

@@ -45,7 +45,7 @@ from typing import Any
 
 from loadertune.config import LoaderConfig
 from loadertune.controller import Decision, Recommendation
-from loadertune.diagnose import Diagnosis
+from loadertune.diagnosis import Diagnosis
 from loadertune.events import Event
 from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, TuneOptions
