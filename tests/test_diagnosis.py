@@ -4,7 +4,7 @@ import pytest
 from _factories import GIB, metrics
 
 from loadertune.config import LoaderConfig
-from loadertune.diagnose import DIAGNOSIS_KINDS, Environment, Thresholds, diagnose
+from loadertune.diagnosis import DIAGNOSIS_KINDS, Environment, Thresholds, diagnose
 
 CFG = LoaderConfig(num_workers=4, batch_size=32)
 
