@@ -247,12 +247,19 @@ def _tune(obs: Observation, loader: Any) -> None:
     import torch
 
     reason = _refusal(loader, torch.is_grad_enabled(), obs.iterated_by)
+    if reason is not None and obs.site.via.split(".")[0] == "transformers" and "accelerate" in reason:
+        reason = (
+            "the Hugging Face Trainer made it and hands it to accelerate, which orders and shards "
+            "it inside its own iteration; make the change below in TrainingArguments"
+        )
     if reason is None:
         import dataclasses
 
         from loadertune.tuned import TunedLoader
 
-        options = dataclasses.replace(_state.options, log_file=obs.log_file)
+        # Every window of the tuned loader refreshes the process report, as observed ones do.
+        sinks = (*_state.options.sinks, _on_tuned_event)
+        options = dataclasses.replace(_state.options, log_file=obs.log_file, sinks=sinks)
         _state.local.busy = True
         try:
             obs.tuned = TunedLoader(loader, options)
@@ -261,6 +268,11 @@ def _tune(obs: Observation, loader: Any) -> None:
         finally:
             _state.local.busy = False
     obs.not_tuned = reason
+
+
+def _on_tuned_event(event: Any) -> None:
+    if event.kind in ("window", "change", "revert", "fault"):
+        _write_report(final=False)
 
 
 def _refusal(loader: Any, grad_enabled: bool, caller: str) -> str | None:

@@ -150,6 +150,7 @@ def test_torchrun_two_gloo_ranks_report_per_rank_without_hanging(tmp_path: Path)
         *FAST,
         "--",
         torchrun,
+        "--standalone",  # a free port: other jobs on the machine may hold torchrun's default
         "--nproc-per-node",
         "2",
         str(FIXTURES / "ddp_train.py"),
