@@ -18,17 +18,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from loadertune.actuator import Actuator
 from loadertune.config import LoaderConfig
-from loadertune.controller import Decision, Recommendation
+from loadertune.controller import Recommendation
 from loadertune.diagnosis import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
-from loadertune.faults import WORKER_DIED, SampleCrashError, worker_death
+from loadertune.follower import BatchFollower
 from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, Mode, TuneOptions
 from loadertune.pipeline import LoaderPipeline, stream_kind
 from loadertune.sampler import Sampler
-from loadertune.follower import BatchFollower
 from loadertune.session import TuningSession, close_at_exit
 
 __all__ = ["MODES", "Mode", "TunedLoader", "tune"]
@@ -193,10 +193,7 @@ class TunedLoader:
         self._iterable = kind == "iterable"
         # An IterableDataset that already runs with several workers shards (or the job would
         # already see its items repeated); otherwise only the user can say it does.
-        self._workers_cap = (
-            1 if self._iterable and not options.iterable_shards and config.num_workers < 2 else None
-        )
-        self._warned: set[str] = set()
+        workers_cap = 1 if self._iterable and not options.iterable_shards and config.num_workers < 2 else None
         dataset = self._seeded_dataset(loader.dataset, options.seed)
         self.loader = loader
         self.options = options
@@ -210,6 +207,8 @@ class TunedLoader:
         self._closed = False
         self._cpu_mark = 0.0
         self._cpu_phase = 0
+        self._generation = 0
+        self._current: _Epoch | None = None
         self.config = config
         self._initial_config = config
         self._pipeline = LoaderPipeline(loader, dataset=dataset, config=config, key=self._key_fn(options.seed))
@@ -227,6 +226,9 @@ class TunedLoader:
             keep_schedule_length=options.keep_schedule_length,
             accumulation_steps=options.accumulation_steps,
         )
+        self._actuator = Actuator(
+            self, self._pipeline, session, self._follower, mode=options.mode, workers_cap=workers_cap
+        )
         close_at_exit(self)
 
     @property
@@ -242,7 +244,7 @@ class TunedLoader:
         self._inline = value.num_workers == 0 and not self._iterable
 
     # -- the DataLoader interface ------------------------------------------------------------
-    def __iter__(self) -> TunedLoader:
+    def __iter__(self) -> Iterator[Any]:
         if self._closed:
             raise RuntimeError("this TunedLoader is closed; call tune() again on the DataLoader")
         pipeline = self._pipeline
@@ -252,58 +254,20 @@ class TunedLoader:
             self.config = pipeline.config
             self._follower.epoch_started(self.step)
         self._epochs_started += 1
-        self._note_workers()
+        self._actuator.note_workers()
         self._session.epoch_started(step=self.step)
-        return self
+        # Each iter() supersedes the iterators before it: loadertune owns the epoch's sample
+        # stream, so two live iterators would split one epoch between them without a word.
+        self._generation += 1
+        self._current = _Epoch(self, self._generation)
+        return self._current
 
     def __next__(self) -> Any:
-        pipeline = self._pipeline
-        while True:
-            it = pipeline.src_it
-            if it is None:
-                raise StopIteration
-            # Without workers the training thread's CPU time tells loading work from waiting;
-            # one batch in _CPU_EVERY is timed (its time in next(), and the loop's gap after it).
-            phase = self._cpu_phase if self._inline else -1
-            cpu = loop_cpu = -1.0
-            if phase == 0:
-                cpu = time.thread_time()
-            elif phase == 1:
-                loop_cpu = time.thread_time() - self._cpu_mark
-            requested = time.perf_counter()
-            try:
-                batch = next(it)
-                break
-            except StopIteration:
-                if pipeline.finish_drain() or pipeline.resume_unfinished():
-                    # The old loader has handed over all it had in flight (or was cut short with
-                    # samples left): on to the new one.
-                    self._note_workers()
-                    continue
-                self._end_epoch()
-                raise
-            except Exception as exc:
-                self._after_failure(it, exc)
-        returned = time.perf_counter()
-        if phase >= 0:
-            if phase == 0:
-                self._cpu_mark = time.thread_time()
-                cpu = self._cpu_mark - cpu
-            self._cpu_phase = (phase + 1) % _CPU_EVERY
-        n = pipeline.delivered() or self._config.batch_size or 1
-        self.step = step = self.step + 1
-        self._timer.record(requested, returned, n, cpu, loop_cpu)
-        schedule = self._schedule
-        if returned >= schedule.deadline_s and step >= schedule.step:
-            self._on_window(returned, batch)
-        elif self._session.batch_bytes is None:
-            self._session.note_batch(batch)
-            pipeline.batch_bytes = self._session.batch_bytes
-        follower = self._follower
-        if follower.pending and step > follower.due_after_step:
-            # The first batch of a new size: the learning rate follows it now.
-            follower.run_due()
-        return batch
+        # iter(tuned) returns an epoch iterator; next() on the loader itself reads the current one.
+        current = self._current
+        if current is None:
+            raise StopIteration
+        return next(current)
 
     def __len__(self) -> int:
         pipeline = self._pipeline
@@ -497,7 +461,7 @@ class TunedLoader:
         if new.batch_size != self.config.batch_size and new.batch_size and self.config.batch_size:
             factor = (new.batch_size / self.config.batch_size) ** self._session.lr_exponent
         described = ", ".join(f"{k}={v!r}" for k, v in changes.items())
-        self._change(new, "reconfigure", f"reconfigure({described})", lr_factor=factor)
+        self._actuator.change(new, "reconfigure", f"reconfigure({described})", lr_factor=factor)
         self._session.controller.note_external_change(self.config)
         return self.config
 
@@ -512,123 +476,8 @@ class TunedLoader:
         try:
             yield
         except torch.OutOfMemoryError:
-            follower, pipeline = self._follower, self._pipeline
-            failed = pipeline.last_delivered
-            if follower.last_increase is None or failed is None:
+            if not self._actuator.undo_batch_increase():
                 raise
-            previous, factor = follower.last_increase
-            follower.last_increase = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            pipeline.last_delivered = None
-            pipeline.requeue_front(failed)
-            before = self.config
-            bs = previous.batch_size
-            self._change(
-                before.replace(batch_size=bs),
-                "fault",
-                f"out of memory at batch size {before.batch_size}: back to {bs}, the failed "
-                f"batch's {len(failed)} samples will come again",
-                lr_factor=(1.0 / factor) if factor else None,
-            )
-            self._session.controller.note_out_of_memory(before, self.config)
-
-    def _change(
-        self,
-        config: LoaderConfig,
-        kind: str,
-        reason: str,
-        lr_factor: float | None = None,
-        *,
-        collective: bool = True,
-        **measured: Any,
-    ) -> None:
-        pipeline = self._pipeline
-        before = pipeline.pending or self.config
-        if config == before:
-            return
-        wanted = config
-        config = self._bounded(config, kind)
-        if config != wanted and kind in ("change", "revert", "retune"):
-            # The controller wanted more than the bounds allow: it must believe what runs, and
-            # not try more workers than run now.
-            self._session.controller.note_fault(config.replace(num_workers=config.num_workers + 1), config)
-        if config == before:
-            return
-        if config.batch_size != before.batch_size:
-            lr_factor = self._follower.plan(before, config, lr_factor, step=self.step, at_next_epoch=self._iterable)
-        if self._iterable:
-            # Its own order cannot be cut mid-epoch: the change waits (a revert cancels it).
-            pipeline.pending = None if config == self.config else config
-            when = "at the next epoch (IterableDataset)"
-        elif not pipeline.in_epoch:
-            pipeline.switch(config)
-            self.config = config
-            when = "now"
-        else:
-            in_flight = pipeline.rebuild(config, handoff_ok=kind != "fault")
-            self.config = config
-            self._note_workers()
-            self._session.rebuilt(in_flight + max(2, config.num_workers), step=self.step, collective=collective)
-            when = f"at step {self.step}"
-        self._session.changed(
-            kind,
-            before,
-            config,
-            reason,
-            step=self.step,
-            epoch=self.epoch,
-            when=when,
-            lr_factor=lr_factor,
-            forced=kind == "reconfigure",
-            **measured,
-        )
-
-    def _bounded(self, config: LoaderConfig, kind: str) -> LoaderConfig:
-        """``config`` within what cannot be traded for speed: an IterableDataset not known to
-        shard keeps to one worker (the user's reconfigure says it shards), and the batches in
-        flight fit /dev/shm."""
-        cap = self._workers_cap
-        if cap is not None and config.num_workers > cap:
-            if kind == "reconfigure":
-                self._workers_cap = None  # the user says it shards
-            else:
-                self._warn_once(
-                    "iterable",
-                    "the loop waits on data and more workers would help, but this IterableDataset "
-                    "is not known to shard: each worker would yield every item. Split the items "
-                    "with torch.utils.data.get_worker_info() and pass tune(iterable_shards=True), or "
-                    "set num_workers yourself",
-                )
-                config = config.replace(num_workers=cap)
-        fitted = self._pipeline.shm_fit(config)
-        if fitted != config:
-            self._warn_shm(config, fitted)
-        return fitted
-
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
-
-    def _warn_shm(self, wanted: LoaderConfig, fitted: LoaderConfig) -> None:
-        room = self._pipeline.shm_room()
-        total = room[1] if room is not None else 0
-        nbytes = self._pipeline.batch_bytes or 0
-        self._warn_once(
-            "shm",
-            "%s (%.0f MiB) limits the DataLoader: %d workers x prefetch_factor %s of %.1f MiB batches "
-            "would not fit, so loadertune runs %d workers x prefetch_factor %s. Enlarge it "
-            "(docker run --shm-size=2g, or a bigger /dev/shm mount) or use a smaller "
-            "prefetch_factor or batch size",
-            self._pipeline.shm_path,
-            total / 2**20,
-            wanted.num_workers,
-            wanted.prefetch_factor,
-            nbytes / 2**20,
-            fitted.num_workers,
-            fitted.prefetch_factor,
-        )
 
     # -- epochs and windows --------------------------------------------------------------------
     def _end_epoch(self) -> None:
@@ -647,132 +496,10 @@ class TunedLoader:
             decide=self._pipeline.pending is None,
         )
         self._pipeline.batch_bytes = self._session.batch_bytes
-        self._check_limits()
+        actuator = self._actuator
+        actuator.check_limits()
         if decision is not None:
-            self._act(decision)
-
-    def _check_limits(self) -> None:
-        """Once per window: /dev/shm and an IterableDataset's sharding bound the workers in every
-        mode; what the load would want beyond them is said once, with the fix."""
-        pipeline, session = self._pipeline, self._session
-        config = self.config
-        room = pipeline.shm_room()
-        if room is not None:
-            fitted = pipeline.shm_fit(config, room[0])
-            if fitted != config:
-                self._warn_shm(config, fitted)
-                if self.mode == "apply" and pipeline.in_epoch:
-                    self._change(fitted, "fault", f"the batches in flight would not fit {pipeline.shm_path}")
-                    session.controller.note_fault(fitted.replace(num_workers=fitted.num_workers + 1), fitted)
-            elif session.metrics is not None:
-                from loadertune.controller import estimate_workers
-
-                est = estimate_workers(session.metrics, config, session.controller.bounds)
-                if est is not None and est.needed > max(room[0], config.num_workers):
-                    self._warn_shm(config.replace(num_workers=est.needed), pipeline.shm_fit(config.replace(num_workers=est.needed), room[0]))
-        rec = session.recommendation
-        cap = self._workers_cap
-        if cap is not None and rec is not None and rec.config.num_workers > cap and self.mode == "recommend":
-            self._warn_once(
-                "iterable",
-                "the recommendation of %d workers assumes this IterableDataset splits its items "
-                "between workers with torch.utils.data.get_worker_info(); one that does not would "
-                "yield every item once per worker",
-                rec.config.num_workers,
-            )
-
-    def _act(self, decision: Decision) -> None:
-        rec = decision.recommendation
-        diagnosis = self._session.diagnosis
-        before = self.config
-        self._change(
-            decision.config,
-            decision.action,
-            decision.reason,
-            lr_factor=decision.lr_factor,
-            before_samples_per_s=decision.before_samples_per_s,
-            after_samples_per_s=decision.after_samples_per_s,
-            expected_speedup=rec.expected_speedup if rec is not None else None,
-            diagnosis=diagnosis.kind if diagnosis is not None else None,
-        )
-        after = self.config
-        if rec is not None and rec.forced and after.num_workers < before.num_workers:
-            # A step down for memory is a limit, not a speed experiment: no more workers than
-            # were over it are tried again (until the load drifts).
-            self._session.controller.note_fault(before, after)
-
-    # -- faults --------------------------------------------------------------------------------
-    def _after_failure(self, it: Any, exc: Exception) -> None:
-        """Handles an exception from ``next()``: a dead worker is recovered from, anything else
-        (the dataset's own error) is re-raised unchanged after dropping its batch, as torch does."""
-        while True:
-            try:
-                death = worker_death(it, exc)
-                if death == "none":
-                    self._pipeline.drop_failed()
-                    raise exc
-                if death in ("died", "shm"):
-                    self._recover(exc, it, death)
-                return
-            except RuntimeError as late:
-                # torch's SIGCHLD handler raises asynchronously, so the report of a death can
-                # land inside this very handling: take it as the death it reports, once more.
-                if late is exc or isinstance(late, SampleCrashError) or not WORKER_DIED.search(str(late)):
-                    raise
-                exc = late
-                it = self._pipeline.src_it
-
-    def _recover(self, exc: Exception, it: Any = None, death: str = "died") -> None:
-        pipeline = self._pipeline
-        if not pipeline.in_epoch:
-            raise exc
-        before = self.config
-        w = before.num_workers
-        if death == "shm":
-            # /dev/shm ran out under this loader (another process may have filled it): at least
-            # halve what is in flight, within what is free now; the failed batch comes again.
-            room = pipeline.shm_room()
-            in_flight = w * (before.prefetch_factor or 0)
-            target = in_flight // 2 if room is None else min(in_flight // 2, room[0])
-            if pipeline.crashes.suspects:
-                target = max(1, target)  # a sample under suspicion never loads in this process
-            after = pipeline.shm_fit(before, room=target)
-            what = f"{pipeline.shm_path} is full"
-            self._warn_shm(before, after)
-        else:
-            repeated = pipeline.note_death(it, exc)
-            if repeated:
-                # The same samples killed a second worker: not bad luck but the data. Stop, and
-                # name the sample; running it here would crash the training process itself.
-                error = pipeline.crash_error(exc, repeated)
-                self._session.fault(
-                    error, before, before, step=self.step, epoch=self.epoch, cause="crash", samples=repeated
-                )
-                raise error from exc
-            fewer = max(0, w - max(1, w // 2))
-            if pipeline.crashes.suspects:
-                # The dead worker's samples load again in a worker: if one of them is what kills
-                # workers, it must kill another worker, never the training process.
-                fewer = max(1, fewer)
-            after = before.replace(num_workers=fewer)
-            what = "a worker died"
-        logger.warning(
-            "%s; %s: rebuilding with num_workers=%d prefetch_factor=%s and resuming at step %d, "
-            "no sample lost",
-            exc,
-            what,
-            after.num_workers,
-            after.prefetch_factor,
-            self.step,
-        )
-        # A broken loader cannot hand anything over: its in-flight batches are re-queued.
-        # A fault is this rank's alone: it must not move the window every rank closes together.
-        pipeline.rebuild(after, handoff_ok=False)
-        self.config = after
-        self._note_workers()
-        self._session.rebuilt(max(2, after.num_workers), step=self.step, collective=False)
-        self._session.controller.note_fault(before, after)
-        self._session.fault(exc, before, after, step=self.step, epoch=self.epoch, cause=death)
+            actuator.act(decision)
 
     # -- set-up helpers ------------------------------------------------------------------------
     def _seeded_dataset(self, dataset: Any, seed: int | None) -> Any:
@@ -795,7 +522,81 @@ class TunedLoader:
         # Read the epoch when the key is made: a persistent loader lives across epochs.
         return lambda i: SampleKey(self.epoch, i)
 
-    def _note_workers(self) -> None:
-        set_pids = getattr(self._session.sampler.host, "set_worker_pids", None)
-        if set_pids is not None:
-            set_pids(self._pipeline.worker_pids())
+
+class _Epoch:
+    """One ``iter()`` of a :class:`TunedLoader`: the iterator the training loop reads.
+
+    Only the latest one is live: ``next()`` on one that a later ``iter()`` superseded raises,
+    where two live iterators would silently split one epoch's samples between them (a
+    DataLoader gives each its own epoch; loadertune serves one epoch at a time).
+    """
+
+    __slots__ = ("_generation", "_loader")
+
+    def __init__(self, loader: TunedLoader, generation: int) -> None:
+        self._loader = loader
+        self._generation = generation
+
+    def __iter__(self) -> _Epoch:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        tl = self._loader
+        if tl._generation != self._generation:
+            raise RuntimeError(
+                "this TunedLoader iterator was superseded: iter() was called on the loader again "
+                "(zip(loader, loader), nested loops over one loader) while this epoch was still "
+                "being read. loadertune serves one epoch at a time; finish or leave one loop before "
+                "starting the next, or wrap a second DataLoader with tune() for a second stream"
+            )
+        # The hot path: it reads the loader's state directly, one attribute load per field.
+        pipeline = tl._pipeline
+        while True:
+            it = pipeline.src_it
+            if it is None:
+                raise StopIteration
+            # Without workers the training thread's CPU time tells loading work from waiting;
+            # one batch in _CPU_EVERY is timed (its time in next(), and the loop's gap after it).
+            phase = tl._cpu_phase if tl._inline else -1
+            cpu = loop_cpu = -1.0
+            if phase == 0:
+                cpu = time.thread_time()
+            elif phase == 1:
+                loop_cpu = time.thread_time() - tl._cpu_mark
+            requested = time.perf_counter()
+            try:
+                batch = next(it)
+                break
+            except StopIteration:
+                if pipeline.finish_drain() or pipeline.resume_unfinished():
+                    # The old loader has handed over all it had in flight (or was cut short with
+                    # samples left): on to the new one.
+                    tl._actuator.note_workers()
+                    continue
+                tl._end_epoch()
+                raise
+            except Exception as exc:
+                tl._actuator.after_failure(it, exc)
+        returned = time.perf_counter()
+        if phase >= 0:
+            if phase == 0:
+                tl._cpu_mark = time.thread_time()
+                cpu = tl._cpu_mark - cpu
+            tl._cpu_phase = (phase + 1) % _CPU_EVERY
+        n = pipeline.delivered() or tl._config.batch_size or 1
+        tl.step = step = tl.step + 1
+        tl._timer.record(requested, returned, n, cpu, loop_cpu)
+        schedule = tl._schedule
+        if returned >= schedule.deadline_s and step >= schedule.step:
+            tl._on_window(returned, batch)
+        elif tl._session.batch_bytes is None:
+            tl._session.note_batch(batch)
+            pipeline.batch_bytes = tl._session.batch_bytes
+        follower = tl._follower
+        if follower.pending and step > follower.due_after_step:
+            # The first batch of a new size: the learning rate follows it now.
+            follower.run_due()
+        return batch

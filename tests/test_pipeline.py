@@ -121,7 +121,7 @@ def test_apply_decision_beyond_shm_is_cut_and_the_controller_told(tmp_path, monk
         next(it)
         t._pipeline.batch_bytes = 32 * 3 * 224 * 224 * 4
         wanted = t.config.replace(num_workers=6, prefetch_factor=2)
-        t._act(Decision("change", wanted, "starved"))
+        t._actuator.act(Decision("change", wanted, "starved"))
         assert (t.config.num_workers, t.config.prefetch_factor) == (2, 1)
         # The controller believes what runs, and will not try past it.
         assert t._session.controller.config == t.config
@@ -218,7 +218,7 @@ def test_shm_filled_by_another_process_is_a_fault_recovered_from(tmp_path, mode)
 def test_apply_never_gives_a_non_sharding_iterable_more_workers(caplog):
     with quiet(DataLoader(NoShard(40), batch_size=4), mode="apply") as t, caplog.at_level("WARNING", "loadertune"):
         assert flat(t) == list(range(40))
-        t._act(Decision("change", t.config.replace(num_workers=12), "starved"))
+        t._actuator.act(Decision("change", t.config.replace(num_workers=12), "starved"))
         assert t.pending_config is None or t.pending_config.num_workers <= 1
         # Every item once, the next epoch too: no 12 copies read as a 12x speed-up.
         assert flat(t) == list(range(40))
@@ -230,7 +230,7 @@ def test_apply_never_gives_a_non_sharding_iterable_more_workers(caplog):
 def test_recommend_mode_says_more_workers_assume_sharding(caplog):
     with quiet(DataLoader(NoShard(8), batch_size=4)) as t, caplog.at_level("WARNING", "loadertune"):
         t._session.recommendation = Recommendation(config=t.config.replace(num_workers=6), reason="starved")
-        t._check_limits()
+        t._actuator.check_limits()
     assert "assumes this IterableDataset splits its items" in caplog.text
 
 
@@ -244,7 +244,7 @@ def test_a_sharding_iterable_may_get_workers(workers, shards):
 
     with quiet(DataLoader(Shards(), batch_size=4, num_workers=workers), mode="apply", iterable_shards=shards) as t:
         flat(t)
-        t._act(Decision("change", t.config.replace(num_workers=3), "starved"))
+        t._actuator.act(Decision("change", t.config.replace(num_workers=3), "starved"))
         assert t.pending_config.num_workers == 3
         assert sorted(flat(t)) == list(range(24)) and t.config.num_workers == 3
 
@@ -268,11 +268,11 @@ def test_pending_change_is_not_judged_and_its_revert_cancels_it():
         t._session.close_window = lambda **kw: seen.append(kw["decide"]) or real(**kw)
         it = iter(t)
         next(it)
-        t._act(Decision("change", t.config.replace(num_workers=4), "starved"))
+        t._actuator.act(Decision("change", t.config.replace(num_workers=4), "starved"))
         assert t.pending_config.num_workers == 4 and t.config.num_workers == 2
         t._on_window(1e12, None)  # a window still running the old configuration decides nothing
         assert seen == [False]
-        t._act(Decision("revert", t.config, "no gain"))
+        t._actuator.act(Decision("revert", t.config, "no gain"))
         assert t.pending_config is None
         rest(it)
         assert sorted(flat(t)) == list(range(32)) and t.config.num_workers == 2
@@ -353,7 +353,7 @@ def test_a_memory_step_down_is_a_limit_not_an_experiment():
         next(it)
         down = t.config.replace(num_workers=1)
         rec = Recommendation(config=down, reason="2 workers of ~280 MiB each exceed the RAM budget; 1 fit", forced=True)
-        t._act(Decision("change", down, rec.reason, recommendation=rec))
+        t._actuator.act(Decision("change", down, rec.reason, recommendation=rec))
         assert t.config.num_workers == 1
         controller = t._session.controller
         assert controller.ceiling_workers == 2

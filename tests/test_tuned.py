@@ -531,3 +531,25 @@ def test_accelerate_prepared_loaders_are_refused_with_the_fix():
     fake.__module__ = "accelerate.data_loader"
     with pytest.raises(ValueError, match=r"before accelerator\.prepare"):
         quiet(fake(Indexed(4), batch_size=2))
+
+
+def test_a_second_live_iterator_is_refused_with_a_clear_error():
+    with quiet(DataLoader(Indexed(20), batch_size=4)) as t:
+        with pytest.raises(RuntimeError, match=r"superseded.*zip\(loader, loader\)"):
+            list(zip(t, t))
+        outer = iter(t)
+        next(outer)
+        assert [len(b) for b in t] == [4] * 5  # the inner loop gets a whole epoch of its own
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(outer)
+
+
+def test_leaving_a_loop_and_starting_another_is_a_fresh_epoch():
+    with quiet(DataLoader(Indexed(20), batch_size=4)) as t:
+        for _ in t:
+            break
+        got = [x for b in t for x in b.tolist()]
+        assert got == list(range(20))
+        it = iter(t)
+        assert next(t).tolist() == [0, 1, 2, 3]  # next() on the loader reads the live iterator
+        assert next(it).tolist() == [4, 5, 6, 7]
