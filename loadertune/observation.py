@@ -128,6 +128,8 @@ class Observation:
         self._last_s: float | None = None
         self._closed = False
         self._is_grad_enabled: Any = None
+        self._timer_record: Any = None
+        self._schedule: Any = None
         # Thread-CPU timing only where loading runs in the training thread (-1: never).
         self._cpu_phase = 0 if self.config.num_workers == 0 and not self.iterable else -1
         self._cpu_mark = 0.0
@@ -194,15 +196,16 @@ class Observation:
             self._last_s = returned_s
             if not self._is_grad_enabled():
                 self.grad_off += 1
-            session.timer.record(requested_s, returned_s, n, cpu_s, loop_cpu_s)
-            schedule = session.schedule
+            self._timer_record(requested_s, returned_s, n, cpu_s, loop_cpu_s)
+            schedule = self._schedule
             if returned_s >= schedule.deadline_s and step >= schedule.step:
                 before = session.metrics
                 session.close_window(
                     now_s=returned_s, step=step, epoch=self.epochs - 1, config=self.config, batch=batch
                 )
                 return session.metrics is not before
-            if session.batch_bytes is None:
+            if step == 1:
+                # The batch's bytes bound /dev/shm use; each window measures them again.
                 session.note_batch(batch)
             return False
         except Exception as exc:
@@ -278,13 +281,16 @@ class Observation:
 
         self._is_grad_enabled = torch.is_grad_enabled
         options = dataclasses.replace(self.options, mode="recommend", log_file=self.log_file)
-        self.session = _independent_session(
+        self.session = session = _independent_session(
             options,
             self.config,
             batch_resizable=self.batch_size is not None and not self.iterable,
             integration="run",
             name=self.site.name,
         )
+        # The per-batch path reads these two directly (both live as long as the session).
+        self._timer_record = session.timer.record
+        self._schedule = session.schedule
 
     def _flush_epoch(self) -> None:
         if self._epoch_open and self._epoch_start_s is not None and self._last_s is not None:
