@@ -187,6 +187,8 @@ def _patched_iter(self: Any) -> Any:
     except AttributeError:  # an iterator without a __dict__: it cannot be timed
         obs.fail(TypeError(f"{type(it).__name__} iterators cannot be timed"))
         return it
+    if obs.config.num_workers:
+        obs.note_workers(it)
     if type(it).__next__ is not _patched_next:
         # A subclass overriding __next__ is out of the patch's reach.
         obs.not_tuned = obs.not_tuned or f"its iterator {type(it).__name__} overrides __next__"

@@ -129,6 +129,7 @@ class Observation:
         self._closed = False
         self._is_grad_enabled: Any = None
         self._timer_record: Any = None
+        self._worker_pids: tuple[int, ...] = ()
         self._schedule: Any = None
         # Thread-CPU timing only where loading runs in the training thread (-1: never).
         self._cpu_phase = 0 if self.config.num_workers == 0 and not self.iterable else -1
@@ -211,6 +212,21 @@ class Observation:
         except Exception as exc:
             self.fail(exc)
             return False
+
+    def note_workers(self, it: Any) -> None:
+        """Tells the host source which processes are the iterator's workers (their CPU and
+        memory tell CPU-bound loading from waiting), as TunedLoader does after each build."""
+        if self.session is None or self.error is not None:
+            return
+        try:
+            pids = tuple(w.pid for w in getattr(it, "_workers", ()) if w.pid is not None)
+            if pids and pids != self._worker_pids:
+                self._worker_pids = pids
+                set_pids = getattr(self.session.sampler.host, "set_worker_pids", None)
+                if set_pids is not None:
+                    set_pids(pids)
+        except Exception as exc:
+            self.fail(exc)
 
     def epoch_ended(self) -> None:
         """The iterator raised StopIteration."""

@@ -213,9 +213,9 @@ def verdict(loader: dict[str, Any], role: str = "training") -> dict[str, Any]:
 
     Returns:
         ``limited_by`` (the diagnosis sentence), ``kind``, ``bottleneck`` (bool),
-        ``recommendation`` (one line or None), ``expected_speedup``, ``change`` (the code to
-        write, or None), ``lr_note`` (when the batch size changes), ``samples_per_s``,
-        ``wait_share``.
+        ``recommendation`` (one line or None), ``reason``, ``expected_speedup``, ``change`` (the
+        code to write, or None), ``lr_note`` (when the batch size changes), ``caveat`` (a
+        condition the change needs), ``samples_per_s``, ``wait_share``.
     """
     diagnosis = loader.get("diagnosis") or {}
     metrics = loader.get("metrics") or {}
@@ -234,6 +234,7 @@ def verdict(loader: dict[str, Any], role: str = "training") -> dict[str, Any]:
         "expected_speedup": None,
         "change": None,
         "lr_note": None,
+        "caveat": None,
     }
     config = loader.get("config") or {}
     final = loader.get("final_config") or config
@@ -255,6 +256,11 @@ def verdict(loader: dict[str, Any], role: str = "training") -> dict[str, Any]:
         lr = rec.get("lr_factor")
         if lr and target.get("batch_size") != final.get("batch_size"):
             out["lr_note"] = f"scale the learning rate by {lr:.3g} with the new batch size"
+        if loader.get("iterable") and (final.get("num_workers") or 0) < 2 <= (target.get("num_workers") or 0):
+            out["caveat"] = (
+                "only if the IterableDataset splits its items between workers (by "
+                "torch.utils.data.get_worker_info()); otherwise every worker yields every item"
+            )
     out["bottleneck"] = bool(out["change"]) or (
         out["kind"] not in (None, "balanced") and (wait is None or wait >= _NOT_BOTTLENECK_WAIT)
     )
@@ -395,6 +401,8 @@ def _loader_lines(item: dict[str, Any], brief: bool) -> list[str]:
         lines.append(f"    {lead}: {item['change']}")
     if item.get("lr_note"):
         lines.append(f"    and {item['lr_note']}")
+    if item.get("caveat"):
+        lines.append(f"    but {item['caveat']}")
     for advice in item.get("advice") or ():
         lines.append(f"    also: {advice}")
     return lines

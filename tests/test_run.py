@@ -338,3 +338,18 @@ def test_an_interrupted_process_is_flagged() -> None:
     document = report_json([process], command=["x"], mode="recommend", exit_status=143, log_dir=None)
     assert "1 process(es) ended without a normal exit" in format_report(document)[0]
     assert document["processes"] == [{"pid": 11, "rank": 1, "argv": [], "complete": False, "loaders": 1}]
+
+
+def test_workers_for_an_iterable_dataset_come_with_their_condition() -> None:
+    target = {"num_workers": 4, "batch_size": 32, "prefetch_factor": 2, "pin_memory": False, "persistent_workers": False}
+    rec = {"config": target, "reason": "r", "expected_speedup": 3.0, "lr_factor": None, "changes": {}}
+    diagnosis = {"kind": "data_starved", "summary": "Data-starved.", "advice": []}
+    entry = _entry(iterable=True, recommendation=rec, diagnosis=diagnosis, shuffled=None)
+    process = ProcessReport(run_id="r", pid=11, rank=0, mode="recommend", final=True, loaders=[entry])
+    document = report_json([process], command=["x"], mode="recommend", exit_status=0, log_dir=None)
+    (item,) = document["loaders"]
+    assert item["change"] == "DataLoader(..., num_workers=4)"
+    assert "get_worker_info()" in item["caveat"]
+    lines = format_report(document)
+    assert lines[2].startswith("  rank 0 [")
+    assert any(line.startswith("    but only if the IterableDataset splits its items") for line in lines)
