@@ -317,7 +317,7 @@ def test_a_loader_that_cannot_start_fails_every_next_instead_of_ending_the_epoch
         next(it)
         real = pipeline_module._iterate
 
-        def broken(loader):
+        def broken(loader, *args):
             raise OSError("cannot start workers")
 
         monkeypatch.setattr(pipeline_module, "_iterate", broken)
@@ -399,3 +399,69 @@ def test_reconfigure_refuses_a_truthy_string_for_a_flag():
 
     with quiet(DataLoader(Indexed(4))) as t, pytest.raises(ReconfigureError, match="pin_memory must be True or False"):
         t.reconfigure(pin_memory="yes")
+
+
+def test_torch_warnings_come_once_per_run_not_at_every_rebuild() -> None:
+    import warnings as _w
+
+    import loadertune.pipeline as pipeline_module
+    from loadertune.config import LoaderConfig as _Config
+    from loadertune.pipeline import LoaderPipeline as _Pipeline
+
+    pipeline_module._WARNED.clear()
+    dl = DataLoader(TensorDataset(torch.arange(32)), batch_size=4, pin_memory=True)
+    cfg = _Config.from_loader(dl)
+    p = _Pipeline(dl, dataset=dl.dataset, config=cfg)
+    with _w.catch_warnings(record=True) as got:
+        _w.simplefilter("default")
+        for epoch in range(3):
+            p.start_epoch()
+            next(p.src_it)
+            p.delivered()
+            p.rebuild(cfg.replace(num_workers=1 + epoch % 2, prefetch_factor=2))
+            while True:
+                try:
+                    next(p.src_it)
+                    p.delivered()
+                except StopIteration:
+                    if p.finish_drain():
+                        continue
+                    p.end_epoch()
+                    break
+    p.shutdown()
+    pinned = [w for w in got if "pin_memory" in str(w.message)]
+    assert len(pinned) == (0 if torch.accelerator.is_available() else 1)
+    assert not [w for w in got if "This DataLoader will create" in str(w.message)]
+
+
+def test_turning_on_persistent_workers_keeps_the_running_workers() -> None:
+    from loadertune.config import LoaderConfig as _Config
+    from loadertune.pipeline import LoaderPipeline as _Pipeline
+
+    dl = DataLoader(TensorDataset(torch.arange(40)), batch_size=4, num_workers=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = _Config.from_loader(dl)
+    p = _Pipeline(dl, dataset=dl.dataset, config=cfg)
+    seen: list[int] = []
+    pids: list[list[int]] = []
+    for epoch in range(3):
+        p.start_epoch()
+        n = 0
+        while True:
+            try:
+                (b,) = next(p.src_it)
+            except StopIteration:
+                if p.finish_drain() or p.resume_unfinished():
+                    continue
+                p.end_epoch()
+                break
+            p.delivered()
+            seen += b.tolist()
+            n += 1
+            if epoch == 0 and n == 3:
+                before = p.worker_pids()
+                assert p.rebuild(cfg.replace(persistent_workers=True)) == 0
+                assert p.worker_pids() == before and p.config.persistent_workers
+        pids.append(p.worker_pids())
+        assert sorted(seen[-40:]) == list(range(40))  # every sample once per epoch
+    p.shutdown()
+    assert pids[0] == pids[1] == pids[2]
