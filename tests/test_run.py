@@ -56,7 +56,7 @@ def _loaders(document: dict, name: str) -> list[dict]:
 @pytest.mark.timeout(120)
 def test_recommend_passes_the_job_through_and_reports_each_loader(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    args = ("--seconds", "1.5", "--exit", "3")
+    args = ("--seconds", "1", "--exit", "3")
     result = _run("--json", str(report), "--log-dir", str(tmp_path / "logs"), *FAST, *_script("latency_train.py", *args))
     plain = subprocess.run(
         [sys.executable, str(FIXTURES / "latency_train.py"), *args], capture_output=True, text=True, timeout=60
@@ -181,13 +181,13 @@ def test_torchrun_two_gloo_ranks_report_per_rank_without_hanging(tmp_path: Path)
 def test_under_a_lightning_trainer(tmp_path: Path) -> None:
     pytest.importorskip("pytorch_lightning")
     report = tmp_path / "report.json"
-    result = _run("--json", str(report), *FAST, *_script("lightning_train.py", "--steps", "40"))
+    result = _run("--json", str(report), *FAST, *_script("lightning_train.py", "--steps", "24"))
     assert result.returncode == 0, result.stderr
-    assert "trained 40 steps" in result.stdout
+    assert "trained 24 steps" in result.stdout
     document = json.loads(report.read_text())
     # Sites name the user's code, not Lightning's frames.
     (train,) = _loaders(document, _site("lightning_train.py", "SlowDataset(2_000"))
-    assert train["role"] == "training" and train["loader"]["batches"] == 40
+    assert train["role"] == "training" and train["loader"]["batches"] == 24
     assert train["kind"] is not None
     (val,) = _loaders(document, _site("lightning_train.py", "SlowDataset(64"))
     assert val["role"] == "evaluation"  # the sanity check and validation run under no_grad
@@ -197,9 +197,9 @@ def test_under_a_lightning_trainer(tmp_path: Path) -> None:
 def test_under_the_hugging_face_trainer(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     report = tmp_path / "report.json"
-    result = _run("--json", str(report), *FAST, *_script("hf_trainer_train.py", "--steps", "40"))
+    result = _run("--json", str(report), *FAST, *_script("hf_trainer_train.py", "--steps", "24"))
     assert result.returncode == 0, result.stderr
-    assert "trained 40 steps" in result.stdout
+    assert "trained 24 steps" in result.stdout
     site = _site("hf_trainer_train.py", "trainer.train()")
     items = _loaders(json.loads(report.read_text()), site)
     # The Trainer builds the loaders; the site is the user's line that made it, and the change
@@ -227,6 +227,19 @@ def test_signals_reach_the_job_and_its_status_comes_back() -> None:
         assert said in out + err
         # The report still comes, from what the job wrote at exit.
         assert "[loadertune] report (recommend mode): 1 DataLoader(s)" in err
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_job_leaves_its_last_window(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = _run("--quiet", "--json", str(report), *FAST, *_script("wait_for_signal.py", "--kill-self", "120"))
+    assert result.returncode == 128 + signal.SIGKILL
+    document = json.loads(report.read_text())
+    assert document["exit_status"] == 137
+    assert [p["complete"] for p in document["processes"]] == [False]
+    (item,) = document["loaders"]
+    assert item["loader"]["metrics"] is not None  # the windows that closed before the kill
+    assert "1 process(es) ended without a normal exit" in result.stderr
 
 
 @pytest.mark.timeout(60)
