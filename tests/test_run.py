@@ -268,6 +268,8 @@ def test_command_errors_exit_like_a_shell() -> None:
     assert missing.returncode == 2 and "give the command to run after --" in missing.stderr
     bad = _run("--ram-budget-share", "2", "--", sys.executable, "-c", "pass")
     assert bad.returncode == 2 and "ram_budget_share" in bad.stderr
+    nowhere = _run("--json", "/no/such/dir/r.json", "--", sys.executable, "-c", "print('ran')")
+    assert nowhere.returncode == 2 and "ran" not in nowhere.stdout and "--json" in nowhere.stderr
 
 
 # -- the pieces -----------------------------------------------------------------------------------

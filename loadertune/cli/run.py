@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
     command = _command(args)
     options = _options(args)
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        # Found out now, not after an hours-long job.
+        raise UsageError(f"--json {args.json!r}: its directory does not exist")
     if args.log_dir is not None:
         run_dir = os.path.abspath(args.log_dir)
         try:
