@@ -262,6 +262,7 @@ def test_processes_without_torch_pay_nothing_and_other_sitecustomize_still_runs(
     assert "no DataLoader was iterated" in result.stderr
 
 
+@pytest.mark.timeout(60)
 def test_command_errors_exit_like_a_shell() -> None:
     assert _run("--", "no-such-command-loadertune").returncode == 127
     missing = _run()
