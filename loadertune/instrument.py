@@ -191,7 +191,6 @@ def _patched_iter(self: Any) -> Any:
         obs.note_workers(it)
     if type(it).__next__ is not _patched_next:
         # A subclass overriding __next__ is out of the patch's reach.
-        obs.not_tuned = obs.not_tuned or f"its iterator {type(it).__name__} overrides __next__"
         obs.fail(TypeError(f"its iterator class {type(it).__name__} overrides __next__; not timed"))
     return it
 
