@@ -648,11 +648,22 @@ def _summarise(
         "max_workers_used": tuned["max_workers_used"],
         "first_diagnosis": tuned["first_diagnosis"],
         "peak_worker_pss_bytes": tuned["peak_worker_pss_bytes"],
+        "over_budget": over_budget(workload, tuned),
     }
     out["targets"] = [
         _target(t, workload, tuned, out, cpus, duration, quick) for t in workload.targets
     ]
     return out
+
+
+def over_budget(workload: Workload, tuned: dict[str, Any]) -> bool:
+    """Whether the tuner's workers peaked over the workload's memory budget (False without one).
+
+    The oracle of a budgeted workload is the best static configuration *within* the budget, so
+    an over-budget tuner's ratio to it compares configurations the budget does not allow alike.
+    """
+    budget = workload.memory_budget_bytes
+    return budget is not None and (tuned.get("peak_worker_pss_bytes") or 0) > budget
 
 
 def _target(
@@ -714,7 +725,7 @@ def _target(
         peak = tuned["peak_worker_pss_bytes"] or 0
         return row(
             f"tuner's workers stay within the {budget / 2**20:.0f} MiB RAM budget (bench-defined)",
-            f"peak {peak / 2**20:.0f} MiB",
+            f"peak {peak / 2**20:.0f} MiB; ended at w={tuned.get('num_workers')}",
             peak <= budget,
         )
     raise ValueError(f"unknown target {kind!r}")
@@ -743,6 +754,18 @@ def machine() -> dict[str, Any]:
         "loadertune": loadertune.__version__,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def verdict(t: dict[str, Any]) -> str:
+    """A target row's verdict: its own (UNDECIDED when decided on a CI), else PASS or MISS."""
+    if t.get("verdict"):
+        return t["verdict"]
+    return "PASS" if t["passed"] else "MISS"
+
+
+def _verdict_cell(t: dict[str, Any]) -> str:
+    v = verdict(t)
+    return v if v == "PASS" else f"**{v}**"
 
 
 def _pct(v: float | None) -> str:
@@ -794,9 +817,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|",
         ]
         for name, t in targets:
-            lines.append(
-                _row(name, t["target"], t["measured"], "PASS" if t["passed"] else "**MISS**")
-            )
+            lines.append(_row(name, t["target"], t["measured"], _verdict_cell(t)))
         lines.append("")
     if wls:
         lines += [
@@ -807,6 +828,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "| Tuner ended at | First diagnosis (expected) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        flagged: list[dict[str, Any]] = []
         for w in wls:
             o, t = w.get("oracle"), w.get("tuner")
             if o is None or t is None:
@@ -814,6 +836,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             noise = f"repeat ±{o['repeat_noise']:.0%}" if o["repeat_noise"] is not None else "—"
             if o["rate_cv"] is not None:
                 noise += f", CV {o['rate_cv']:.0%}/s"
+            flag = " (over budget ‡)" if t.get("over_budget") else ""
+            if flag:
+                flagged.append(w)
             lines.append(
                 _row(
                     w["name"],
@@ -821,8 +846,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"{o['steady_sps']:.0f}",
                     noise,
                     f"{t['steady_sps']:.0f}",
-                    _pct(t["steady_vs_oracle"]),
-                    _pct(t["whole_vs_oracle"]),
+                    _pct(t["steady_vs_oracle"]) + flag,
+                    _pct(t["whole_vs_oracle"]) + flag,
                     _secs(t["reach_90_s"]),
                     str(t["rebuilds"]),
                     f"{t['rebuild_stall_s']:.2f} s",
@@ -831,6 +856,15 @@ def render_markdown(results: dict[str, Any]) -> str:
                 )
             )
         lines.append("")
+        for w in flagged:
+            t = w["tuner"]
+            lines += [
+                f"‡ {w['name']}: the tuner's workers peaked at {_mib(t['peak_worker_pss_bytes'])}, "
+                f"over the {_mib(w['memory_budget_bytes'])} budget, while the oracle "
+                f"({w['oracle']['label']}) is the best configuration within it: the ratio compares "
+                "an over-budget tuner with an in-budget oracle and is not a speed-up.",
+                "",
+            ]
     for w in wls:
         lines += _workload_section(w)
     if micro:
@@ -880,7 +914,9 @@ def _workload_section(w: dict[str, Any]) -> list[str]:
                 _secs(r.get("recover_80_s")),
             ]
         if budget:
-            cells.append(_mib(r["peak_worker_pss_bytes"]))
+            peak = r["peak_worker_pss_bytes"]
+            over = peak is not None and peak > w["memory_budget_bytes"]
+            cells.append(_mib(peak) + (" (over budget)" if over else ""))
         lines.append(_row(*cells))
     lines.append("")
     tuned = next((r for r in w.get("runs", []) if r["kind"] == "tuned"), None)
@@ -1046,10 +1082,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ready = _json_ready(results)
     (out_dir / "results.json").write_text(json.dumps(ready, indent=1) + "\n")
     (out_dir / "RESULTS.md").write_text(render_markdown(ready))
-    missed = [t for w in ready["workloads"] for t in w.get("targets", []) if not t["passed"]]
-    missed += [t for t in (ready.get("micro") or {}).get("targets", []) if not t["passed"]]
+    rows = [t for w in ready["workloads"] for t in w.get("targets", [])]
+    rows += (ready.get("micro") or {}).get("targets", [])
+    missed = [t for t in rows if t["passed"] is False]
+    undecided = [t for t in rows if t["passed"] is None]
     print(
-        f"bench: done in {meta['elapsed_s'] / 60:.1f} min; {len(missed)} target(s) missed; "
+        f"bench: done in {meta['elapsed_s'] / 60:.1f} min; {len(missed)} target(s) missed, "
+        f"{len(undecided)} undecided; "
         f"wrote {out_dir / 'RESULTS.md'} and {out_dir / 'results.json'}",
         flush=True,
     )

@@ -97,15 +97,17 @@ def test_diagnosis_accuracy_counts_right_and_wrong(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(diagnose_module, "diagnose", scripted)
     real = [("latency", "data_starved", "data_starved"), ("cpu", "balanced", "cpu_bound")]
-    item = micro.diagnosis_accuracy(real)
+    item = micro.diagnosis_accuracy(real, recorded=None)
     data = item["data"]
     assert data["synthetic_total"] == len(cases)
     assert data["synthetic_right"] == len(cases) - 2
     assert len(data["wrong"]) == 2 and all("→ balanced" in w for w in data["wrong"])
     assert sum(right for right, _ in data["per_kind"].values()) == len(cases) - 2
     assert sum(total for _, total in data["per_kind"].values()) == len(cases)
-    assert item["result"] == f"{(len(cases) - 2) / len(cases):.0%} of {len(cases)} labelled windows"
-    assert "real runs' first windows 1/2" in item["detail"]
+    assert item["result"] == (
+        f"no recorded windows; self-consistency check {len(cases) - 2}/{len(cases)} synthetic windows"
+    )
+    assert "bench workloads' first windows 1/2" in item["detail"]
     assert "| cpu | balanced | cpu_bound |" in item["table"]
     assert any(line.startswith("Misdiagnosed synthetic windows: ") for line in item["table"])
 
@@ -119,10 +121,11 @@ def test_diagnosis_accuracy_all_right_lists_no_misses(monkeypatch: pytest.Monkey
         "diagnose",
         lambda m, c, e: types.SimpleNamespace(kind=labels[_key(m, c, e)]),
     )
-    item = micro.diagnosis_accuracy()
+    item = micro.diagnosis_accuracy(recorded=None)
     assert item["data"]["synthetic_right"] == item["data"]["synthetic_total"]
-    assert item["data"]["wrong"] == [] and item["result"].startswith("100% of ")
-    assert "real runs" not in item["detail"]
+    total = item["data"]["synthetic_total"]
+    assert item["data"]["wrong"] == [] and f"self-consistency check {total}/{total}" in item["result"]
+    assert "bench workloads" not in item["detail"]
     assert not any("Misdiagnosed" in line for line in item["table"])
 
 
@@ -334,3 +337,234 @@ def test_runs_as_a_script() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout
+
+
+# -- confidence intervals and verdicts ------------------------------------------------------------
+
+
+def test_median_ci_uses_order_statistics_with_their_coverage() -> None:
+    lo, hi, cover = micro.median_ci(list(range(40)))
+    # n = 40: the 14th smallest to the 14th largest covers the median with 96.2% probability.
+    assert (lo, hi) == (13.0, 26.0) and cover == pytest.approx(0.9615, abs=1e-4)
+    lo, hi, cover = micro.median_ci([5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0])
+    assert (lo, hi) == (1.0, 9.0) and cover == pytest.approx(1 - 2 / 256)
+    # Too few values for 95%: the whole range, with the coverage it really has.
+    assert micro.median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+    with pytest.raises(ValueError):
+        micro.median_ci([])
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "passed", "verdict"),
+    [
+        (2.0, 10.0, True, "PASS"),
+        (10.01, 30.0, False, "MISS"),
+        (9.0, 11.0, None, "UNDECIDED (CI straddles target)"),
+        (-66.0, 74.0, None, "UNDECIDED (CI straddles target)"),
+    ],
+)
+def test_decide_on_the_interval(low: float, high: float, passed: bool | None, verdict: str) -> None:
+    assert micro.decide(low, high, 10.0) == (passed, verdict)
+
+
+def _wrapper_result(diffs: list[float], batch_size: int = 32) -> dict[str, Any]:
+    lo, hi, cover = micro.median_ci(diffs)
+    return {
+        "batch_size": batch_size,
+        "diff_us": float(np.median(diffs)),
+        "iqr_us": [0.0, 0.0],
+        "ci95_us": [lo, hi],
+        "ci_coverage": cover,
+        "wall_diff_us": 0.0,
+        "bare_us": 150.0,
+        "cpu_diffs_us": diffs,
+    }
+
+
+@pytest.mark.parametrize(
+    ("diffs", "passed", "verdict"),
+    [
+        ([4.0 + 0.1 * i for i in range(40)], True, "PASS"),  # CI 5.3 to 6.6
+        ([20.0 + 0.1 * i for i in range(40)], False, "MISS"),
+        # Median ~10 with pairs from -66 to +74: the interval straddles the target.
+        ([-66.0 + 3.5 * i for i in range(41)], None, "UNDECIDED (CI straddles target)"),
+    ],
+)
+def test_wrapper_verdict_is_decided_on_the_ci(
+    diffs: list[float], passed: bool | None, verdict: str
+) -> None:
+    item = micro.wrapper_item(_wrapper_result(diffs), _wrapper_result(diffs, 8), len(diffs))
+    row = item["target"]
+    assert row["passed"] is passed and row["verdict"] == verdict
+    lo, hi = item["data"]["bs32"]["ci95_us"]
+    assert f"95% CI {lo:+.1f} to {hi:+.1f}" in row["measured"]
+    assert run.verdict(row) == verdict
+
+
+@pytest.mark.parametrize(
+    ("diffs", "thread", "passed", "verdict"),
+    [
+        ([0.1, 0.2, 0.05, 0.3, 0.15, 0.2], [0.5, 0.6, 0.55, 0.5, 0.6, 0.58], True, "PASS"),
+        # The thread's own CPU lies wholly above 1%: a miss, whatever the process difference.
+        ([0.1, 0.2, 0.05, 0.3, 0.15, 0.2], [1.2, 1.3, 1.25, 1.4, 1.22, 1.3], False, "MISS"),
+        # Process differences from -0.5 to +2.3: undecided.
+        ([-0.5, 0.01, 0.11, 2.28, 0.4, 1.5], [0.5, 0.6, 0.55, 0.5, 0.6, 0.58], None, "UNDECIDED (CI straddles target)"),
+    ],
+)
+def test_sampler_verdict_is_decided_on_both_cis(
+    diffs: list[float], thread: list[float], passed: bool | None, verdict: str
+) -> None:
+    item = micro.sampler_item(diffs, thread, 100)
+    assert item["target"]["passed"] is passed and item["target"]["verdict"] == verdict
+    assert item["data"]["ci95"] == [min(diffs), max(diffs)]  # 6 pairs: the whole range
+
+
+def test_results_md_shows_undecided_and_old_rows_still_read() -> None:
+    assert run.verdict({"passed": True}) == "PASS"
+    assert run.verdict({"passed": False}) == "MISS"
+    results = {
+        "meta": {
+            "command": "python -m bench",
+            "date": "d",
+            "elapsed_s": 60.0,
+            "mode": "full",
+            "machine": run.machine(),
+            "load_average_end": [0.0, 0.0, 0.0],
+        },
+        "workloads": [],
+        "micro": {
+            "items": [],
+            "targets": [
+                {"id": "wrapper_10us", "target": "t", "measured": "m", "passed": None,
+                 "verdict": micro.UNDECIDED},
+                {"id": "x", "target": "t2", "measured": "m2", "passed": False},
+            ],
+        },
+    }
+    text = run.render_markdown(results)
+    assert "| micro | t | m | **UNDECIDED (CI straddles target)** |" in text
+    assert "| micro | t2 | m2 | **MISS** |" in text
+
+
+# -- the memory workload's oracle comparison ------------------------------------------------------
+
+
+def test_an_over_budget_tuner_is_flagged_against_the_in_budget_oracle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run, "usable_cpus", lambda: 2)
+    w = _workload(memory_budget_bytes=300 << 20, targets=("within_budget",))
+    oracle = _run_record("static", "w=3", 600.0)
+    oracle["peak_worker_pss_bytes"] = 290 << 20
+    tuned = _run_record("tuned", "loadertune", 800.0)
+    tuned["peak_worker_pss_bytes"] = 313 << 20
+    tuned["windows"], tuned["decisions"] = [], []
+    out = run._summarise(w, [oracle, tuned], oracle, 10.0, True)
+    assert out["tuner"]["over_budget"] is True
+    assert out["targets"][0]["passed"] is False
+    assert "ended at w=2" in out["targets"][0]["measured"]
+    out["runs"] = [oracle, tuned]
+    for r in out["runs"]:
+        r.setdefault("roles", [r["label"]])
+    meta = {"command": "c", "date": "d", "elapsed_s": 1.0, "mode": "quick", "machine": run.machine(),
+            "load_average_end": [0, 0, 0]}
+    text = run.render_markdown({"meta": meta, "workloads": [out]})
+    assert "133% (over budget ‡)" in text
+    assert "over the 300 MiB budget" in text and "not a speed-up" in text
+    assert "313 MiB (over budget)" in text
+    # Within the budget: no flag.
+    tuned["peak_worker_pss_bytes"] = 200 << 20
+    out = run._summarise(w, [oracle, tuned], oracle, 10.0, True)
+    assert out["tuner"]["over_budget"] is False
+    assert run.over_budget(_workload(memory_budget_bytes=None), tuned) is False
+
+
+# -- recorded windows -----------------------------------------------------------------------------
+
+
+def _recorded_line(job: str, label: str, metrics: Any, config: Any, batch_bytes: int | None = None) -> str:
+    return json.dumps(
+        {
+            "job": job,
+            "label": label,
+            "why": "fixture",
+            "index": 0,
+            "config": config.to_dict(),
+            "metrics": {**metrics.to_dict(), "a_field_from_another_version": 1},
+            "environment": dataclasses.asdict(micro.Environment()),
+            "batch_bytes": batch_bytes,
+            "diagnosed_at_record": "whatever",
+        }
+    )
+
+
+def test_accuracy_on_recorded_windows_counts_per_kind_with_confusion(tmp_path: Path) -> None:
+    from loadertune.config import LoaderConfig
+
+    starved = micro._window(wait_share=0.6, workers=0, cpu_pct=20.0, util=(40.0, 35.0, 0.5))
+    busy = micro._window(wait_share=0.005, workers=2, cpu_pct=30.0, util=(92.0, 3.0, 0.0),
+                         gpu_mem_used_share=0.5)
+    # /dev/shm 80% taken by 8 x 2 x 1 GiB batches in flight: full only if the batch bytes count.
+    shm = micro._window(wait_share=0.005, workers=8, cpu_pct=30.0, util=(92.0, 3.0, 0.0),
+                        gpu_mem_used_share=0.5, shm_free_share=0.2)
+    w0, w2, w8 = (LoaderConfig(num_workers=w, batch_size=32) for w in (0, 2, 8))
+    path = tmp_path / "windows.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"header": {"date": "2026-01-01", "git_commit": "abc"}}),
+                _recorded_line("a", "data_starved", starved, w0),
+                _recorded_line("b", "balanced", busy, w2),
+                _recorded_line("c", "cpu_bound", starved, w0),  # labelled otherwise: a miss
+                _recorded_line("d", "memory_bound", shm, w8, batch_bytes=2**30),
+            ]
+        )
+        + "\n"
+    )
+    header, windows = micro.load_recorded(path)
+    assert header["git_commit"] == "abc" and len(windows) == 4
+    rec = micro.recorded_accuracy(windows)
+    assert (rec["right"], rec["total"]) == (2, 4)
+    assert rec["per_kind"]["data_starved"] == [1, 1]
+    assert rec["per_kind"]["balanced"] == [1, 1]
+    assert rec["per_kind"]["cpu_bound"] == [0, 1]
+    assert rec["per_kind"]["memory_bound"] == [0, 1]
+    assert rec["per_kind"]["batch_headroom"] == [0, 0]  # every kind listed, even unrecorded
+    assert rec["confusion"] == {"cpu_bound": {"data_starved": 1}, "memory_bound": {"balanced": 1}}
+    assert rec["per_job"]["c"]["label"] == "cpu_bound"
+    assert rec["per_job"]["c"]["diagnosed"] == {"data_starved": 1}
+    # The batch bytes the session measured would have caught the /dev/shm case.
+    assert rec["with_batch_bytes"]["right"] == 3
+
+    item = micro.diagnosis_accuracy(recorded=path)
+    assert item["result"].startswith("2/4 recorded real windows right (balanced 1/1, ")
+    assert "cpu_bound 0/1" in item["result"] and "batch_headroom 0/0 (none recorded)" in item["result"]
+    assert "self-consistency check" in item["result"]
+    assert "| cpu_bound | 0/1 **MISS** | data_starved 1 |" in "\n".join(item["table"])
+    assert any(line.startswith("| c | cpu_bound | data_starved 1 | ") for line in item["table"])
+    assert any("3/4 recorded windows right" in line for line in item["table"])
+    assert micro.load_recorded(tmp_path / "missing.jsonl") == (None, [])
+
+
+def test_the_committed_recorded_windows_cover_every_kind_and_stay_small() -> None:
+    header, windows = micro.load_recorded(micro.RECORDED_WINDOWS)
+    assert header is not None and set(header["label_rules"]) == set(DIAGNOSIS_KINDS)
+    assert {w["label"] for w in windows} == set(DIAGNOSIS_KINDS)
+    assert micro.RECORDED_WINDOWS.stat().st_size < 1_000_000
+    for w in windows:
+        micro._recorded_case(w)  # every line replays
+
+
+def test_record_jobs_are_well_formed() -> None:
+    from bench import record
+
+    names = [j.name for j in record.JOBS]
+    assert len(names) == len(set(names))
+    assert {j.label for j in record.JOBS} == set(DIAGNOSIS_KINDS) == set(record.LABEL_RULES)
+    for j in record.JOBS:
+        if j.label == "cpu_bound":
+            assert j.num_workers >= 2  # at least the usable CPUs of the machine it was built for
+        gpu = record.make_gpu(j)
+        assert gpu.total_memory_bytes == 16 * 2**30
+    with pytest.raises(ValueError, match="unknown job"):
+        record.get("nope")
