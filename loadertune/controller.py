@@ -39,6 +39,10 @@ _AIM_MARGIN = 1.2
 _PRIOR_DOF = 4
 # A change that could gain this much (from the time the loop waits) shows through any noise.
 _OBVIOUS_GAIN = 0.5
+# Worker start-up at every epoch worth switching to persistent workers: this share of an epoch
+# (start-up included), and at least this many seconds.
+_STARTUP_SHARE = 0.03
+_STARTUP_MIN_S = 0.2
 
 
 def _same_advice(a: Recommendation | None, b: Recommendation | None) -> bool:
@@ -190,7 +194,14 @@ def estimate_workers(
         # Share of a core one busy worker uses: ~1 for CPU-bound loads, ~0 for I/O waits.
         per_worker = max(1e-6, min(1.0, m.loader_cpu_s_per_batch / load))  # 1e-6: no overflow
         # Round, not floor: a loop using a tenth of a core should not cost a whole worker.
+        # Workers share the CPUs with the loop's own threads (torch's intra-op pool) by fair
+        # share per thread, so one worker beside a loop that fills a core gets less than the
+        # core left: the cap is never below the usable CPUs when the loop wants more (measured
+        # on a CPU-trained conv net with JPEG decode: 0 workers 67, 1 worker 61, 2 workers 81
+        # samples/s on 2 CPUs).
         cpu_cap = max(1, round(spare / per_worker))
+        if per_worker > 0.5:
+            cpu_cap = max(cpu_cap, bounds.usable_cpus)
         caps["cpu"] = cpu_cap
     if bounds.ram_budget_bytes is not None and m.worker_mem_bytes:
         ram_cap = max(1, bounds.ram_budget_bytes // m.worker_mem_bytes)
@@ -229,6 +240,7 @@ def plan(
     ceiling_workers: int | None = None,
     min_gain: float = 0.1,
     known_load_s: float | None = None,
+    unmeasured_worker_bytes: int | None = None,
 ) -> Recommendation | None:
     """The configuration the measurements call for, or None when nothing should change.
 
@@ -244,6 +256,9 @@ def plan(
         min_gain: Least gain a worker change could bring (from the time the loop waits) for it
             to be worth a rebuild.
         known_load_s: Time one worker needs per batch, measured earlier without workers.
+        unmeasured_worker_bytes: What one worker could grow to while its memory is not known
+            to have settled (None once it has): when the aimed workers of that size could
+            exceed the RAM budget, the step goes to a few workers first (issue 15).
     """
     kind = diagnosis.kind
     w = config.num_workers
@@ -256,6 +271,13 @@ def plan(
     if estimate is not None:
         hard = min(c for c in (hard, estimate.cpu_cap, estimate.ram_cap, estimate.shm_cap) if c is not None)
     limit = hard if ceiling_workers is None else min(hard, ceiling_workers - 1)
+    if estimate is not None:
+        from loadertune.memory import probe_limit
+
+        probe = probe_limit(w, min(estimate.needed, limit), bounds.ram_budget_bytes, unmeasured_worker_bytes)
+        if probe is not None:
+            # Measure a few workers' memory before committing to many.
+            limit = min(limit, probe)
     # The most any worker change can gain is the time the loop waits.
     potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
     forced = at_least = False
@@ -486,6 +508,7 @@ def compare_windows(
     tie_band: float,
     between_var: float,
     z: float,
+    revert_cost: float = 0.0,
 ) -> Comparison:
     """Compares the mean log rate of two sets of windows against the bar ``±tie_band``.
 
@@ -493,6 +516,11 @@ def compare_windows(
     measured noise plus ``between_var`` (what moves whole windows: other processes, page
     cache, thermal), so repeating windows is what shrinks it. A side of one short window is
     therefore never mistaken for a precise one.
+
+    ``revert_cost`` is what going back would cost the job, as a share of its throughput over
+    the horizon it is judged on (a rebuild stalls the loop: workers start again). The change
+    itself is paid for; keeping it loses only what it is slower by, so the bar drops by that
+    share (bounded at -50%).
     """
     def side(samples: list[_Sample]) -> tuple[float, float]:
         k = len(samples)
@@ -504,7 +532,8 @@ def compare_windows(
     ma, va = side(after)
     d = ma - mb
     se = math.sqrt(vb + va)
-    bar = math.log1p(-tie_band) if cheaper else math.log1p(tie_band)
+    cost = min(0.5, max(0.0, revert_cost))
+    bar = math.log1p(max(-0.5, (-tie_band if cheaper else tie_band) - cost))
     verdict: Literal["keep", "revert", "undecided"] = "undecided"
     if d - bar >= z * se:
         verdict = "keep"
@@ -589,6 +618,12 @@ class Controller:
             difference stays close to the bar).
         window_noise: Prior relative spread between windows at one configuration (default 2%);
             the spread measured during the run replaces it as evidence accumulates.
+        min_horizon_s: Least time a change is expected to run for, to pay back its rebuild
+            stall; the run's own age is used once longer (a job that has run for an hour
+            likely runs on). Default 30 s.
+        allow_persistent: Whether the configuration may be switched to persistent workers when
+            worker start-up at every epoch costs the job a real share of it (apply mode builds
+            the loader itself; elsewhere it is advice).
     """
 
     def __init__(
@@ -605,6 +640,8 @@ class Controller:
         z: float = 2.0,
         max_windows: int = 24,
         window_noise: float = 0.02,
+        min_horizon_s: float = 30.0,
+        allow_persistent: bool = True,
     ) -> None:
         if not 0.0 <= tie_band < 1.0:
             raise ValueError(f"tie_band must be in [0, 1), got {tie_band!r}")
@@ -637,6 +674,18 @@ class Controller:
         self._advice: Recommendation | None = None
         self._advice_config: LoaderConfig | None = None
         self._pending: Recommendation | None = None
+        #: What one worker could grow to while the workers' memory has not settled (set by the
+        #: actuator's memory check; None once settled or without a RAM budget).
+        self.unmeasured_worker_bytes: int | None = None
+        # What the job pays beyond the steady rates (issue 13): the loop's stall at a rebuild
+        # (workers start, the old ones stop; the backlog the new ones prefetched drains), and
+        # the start-up every epoch pays while workers are not persistent.
+        self.min_horizon_s = min_horizon_s
+        self.allow_persistent = allow_persistent
+        self.stall_s: float | None = None
+        self.startup_s: float | None = None
+        self.epoch_s: float | None = None
+        self._first_s: float | None = None
 
     @property
     def window_noise(self) -> float:
@@ -677,7 +726,12 @@ class Controller:
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
         rate = metrics.samples_per_s
+        if self._first_s is None:
+            self._first_s = now_s - metrics.duration_s
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
+        persist = self._persist()
+        if persist is not None:
+            return persist
         if self._trial is not None:
             return self._judge(metrics, now_s)
         self._remember(metrics)
@@ -717,6 +771,7 @@ class Controller:
             # A rebuild stalls the loop briefly: only try one that could gain twice the bar.
             min_gain=2 * self.min_gain,
             known_load_s=self.known_load_s,
+            unmeasured_worker_bytes=self.unmeasured_worker_bytes,
         )
         if rec is None:
             self._converge(metrics)
@@ -732,6 +787,22 @@ class Controller:
                 "change", rec.config, rec.reason, before_samples_per_s=rate, lr_factor=rec.lr_factor, recommendation=rec
             )
         potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
+        stall = self._expected_stall(rec.config)
+        if stall > 0.0:
+            # End to end: the gain over the horizon must pay for the stall twice (there and,
+            # should it fail, back).
+            gain = (rec.expected_speedup - 1.0) if rec.expected_speedup is not None else potential
+            gain = min(gain, potential)
+            horizon = self._horizon(now_s)
+            if gain * horizon < 2.0 * stall:
+                self._converge(metrics)
+                return Decision(
+                    "hold",
+                    self.config,
+                    f"not trying {_changes(rec.changes)}: a rebuild stalls the loop ~{stall:.1f} s, "
+                    f"more than ~{max(gain, 0):.0%} over the next ~{horizon:.0f} s would pay back",
+                    before_samples_per_s=rate,
+                )
         se = self._side_stderr(self._history)
         needed_se = self.tie_band / (2.0 * self.z)
         if potential < _OBVIOUS_GAIN and se > needed_se and len(self._history) < self.max_windows:
@@ -887,6 +958,7 @@ class Controller:
                 tie_band=self.tie_band,
                 between_var=self._between_var(trial.before, trial.after),
                 z=self.z,
+                revert_cost=self._revert_cost(trial.previous, now_s),
             )
         verdict = "keep" if cmp is None else cmp.verdict
         before, after = _mean_rate(trial.before), _mean_rate(trial.after)
@@ -939,6 +1011,71 @@ class Controller:
             after_samples_per_s=after,
             lr_factor=(1.0 / trial.lr_factor) if trial.lr_factor else None,
         )
+
+    def note_stall(self, stall_s: float) -> None:
+        """The loop's measured stall at the last rebuild beyond its steady pace: the time the
+        job lost to it (new workers starting, old ones stopping, less what the new workers'
+        prefetched backlog gave back). Later changes are judged against it."""
+        if not math.isfinite(stall_s):
+            return
+        stall_s = max(0.0, stall_s)
+        # Start-up grows with the workers started: the largest seen is the cautious estimate,
+        # slowly forgotten so one slow rebuild does not freeze tuning for good.
+        prev = self.stall_s
+        self.stall_s = stall_s if prev is None else max(stall_s, 0.8 * prev + 0.2 * stall_s)
+
+    def note_startup(self, startup_s: float | None, epoch_s: float | None) -> None:
+        """Worker start-up each epoch pays (an epoch's first wait, or a rebuild's stall) and an
+        epoch's length in seconds at the current pace (None while unknown)."""
+        if startup_s is not None and math.isfinite(startup_s):
+            self.startup_s = max(0.0, startup_s)
+        if epoch_s is not None and math.isfinite(epoch_s) and epoch_s > 0:
+            self.epoch_s = epoch_s
+
+    def startup_share(self) -> float | None:
+        """Worker start-up as a share of an epoch with it (None while either is unknown)."""
+        if self.startup_s is None or self.epoch_s is None:
+            return None
+        return self.startup_s / (self.startup_s + self.epoch_s)
+
+    def _persist(self) -> Decision | None:
+        """Persistent workers when worker start-up at every epoch costs the job real time."""
+        c = self.config
+        if not self.allow_persistent or c.num_workers == 0 or c.persistent_workers:
+            return None
+        share = self.startup_share()
+        if share is None or (self.startup_s or 0.0) < _STARTUP_MIN_S or share < _STARTUP_SHARE:
+            return None
+        new = c.replace(persistent_workers=True)
+        reason = (
+            f"workers take ~{self.startup_s:.1f} s to start, {share:.0%} of every epoch; "
+            "persistent_workers=True starts them once"
+        )
+        rec = Recommendation(config=new, reason=reason, changes=c.diff(new), forced=True)
+        self.config = new
+        if self._trial is not None and self._trial.previous.num_workers > 0:
+            # A revert goes back to the old worker count, kept alive as well.
+            self._trial.previous = self._trial.previous.replace(persistent_workers=True)
+        return Decision("change", new, reason, recommendation=rec)
+
+    def _horizon(self, now_s: float) -> float:
+        age = now_s - self._first_s if self._first_s is not None else 0.0
+        return max(self.min_horizon_s, age)
+
+    def _expected_stall(self, new: LoaderConfig) -> float:
+        """The stall a rebuild to ``new`` is expected to cost (0 when none was measured)."""
+        if self.stall_s is None:
+            return 0.0
+        c = self.config
+        if (new.num_workers, new.batch_size) == (c.num_workers, c.batch_size) and (
+            new.persistent_workers or not c.persistent_workers
+        ):
+            return 0.0  # prefetch, pinning or persistence: no new workers to start
+        return self.stall_s
+
+    def _revert_cost(self, previous: LoaderConfig, now_s: float) -> float:
+        stall = self._expected_stall(previous)
+        return stall / self._horizon(now_s) if stall else 0.0
 
     def _over_budget(self, metrics: WindowMetrics) -> bool:
         est = estimate_workers(metrics, self.config, self.bounds)

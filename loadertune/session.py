@@ -14,6 +14,7 @@ run`` are front ends; none of them diagnoses, plans or decides on its own.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import re
 import time
@@ -55,6 +56,9 @@ class TuningSession:
         optimizer: The optimizer for ``lr_rule="auto"`` when not in ``options``.
         step: Batches already consumed when the session starts.
         epoch: The epoch number when it starts.
+        distributed: Under ``torch.distributed``, decide together with the other ranks (every
+            rank must then build its session at the same point). False decides for this process
+            alone: observers whose ranks may read different loaders.
 
     Attributes:
         metrics: The latest window's metrics, None before the first.
@@ -76,13 +80,14 @@ class TuningSession:
         optimizer: Any = None,
         step: int = 0,
         epoch: int = 0,
+        distributed: bool = True,
     ) -> None:
         self.options = options
         self.mode = options.mode
         self.name = name
         self.batch_resizable = batch_resizable
         self.lr_rule, self.lr_exponent = resolve_lr(options, optimizer)
-        self.collective = _make_collective(options.dist_timeout_s)
+        self.collective = _make_collective(options.dist_timeout_s) if distributed else None
         self.events_log = EventLog(options.log_file, sinks=options.sinks)
         self.sampler = Sampler(options.interval_s, gpu=resolve_gpu(options.gpu), host=options.host)
         local = self.collective.local_world_size if self.collective is not None else 1
@@ -94,6 +99,8 @@ class TuningSession:
             allow_batch_size=options.allow_batch_size and batch_resizable,
             lr_exponent=self.lr_exponent,
             cooldown_s=options.window_s,
+            # Lightning builds its loaders and torch forbids setting persistent_workers on one.
+            allow_persistent=integration != "lightning",
         )
         self.timer = LoopTimer()
         self.schedule = WindowSchedule(options.window_s, options.min_window_batches, distributed=self.collective is not None)
@@ -111,6 +118,15 @@ class TuningSession:
         self._since_change = _Tally()
         self._changes = 0
         self._start_s = time.perf_counter()
+        # End-to-end costs (issue 13): when the last decision was taken (a rebuild's stall runs
+        # from there), the warm-up after a rebuild, epochs' lengths, workers' start-up per epoch.
+        self._decided: tuple[float, int] | None = None
+        self._warm: _Warmup | None = None
+        self._epoch_step: int | None = None
+        self._epoch_s: float | None = None
+        self._epoch_batches: int | None = None
+        self._startup: dict[tuple[int, bool], float] = {}
+        self.last_stall_s: float | None = None
         self.sampler.start()
         extra = {"integration": integration} if integration else {}
         if name:
@@ -177,8 +193,12 @@ class TuningSession:
     def epoch_started(self, now_s: float | None = None, step: int = 0) -> None:
         """Marks the next batch as an epoch's first; opens the first window if none is open."""
         self.timer.epoch_started()
+        now = now_s if now_s is not None else time.perf_counter()
+        if self._epoch_step is not None and step > self._epoch_step:
+            self._epoch_batches = step - self._epoch_step
+        self._epoch_step, self._epoch_s = step, now
         if not self.schedule.started:
-            self.schedule.open(now_s if now_s is not None else time.perf_counter(), step)
+            self.schedule.open(now, step)
 
     def note_batch(self, batch: Any) -> None:
         """Measures a batch's bytes: what one batch in flight holds in /dev/shm."""
@@ -197,9 +217,15 @@ class TuningSession:
                 alone and must not move the window every rank closes together).
         """
         self._tally_partial()
+        now = time.perf_counter()
+        decided, self._decided = self._decided, None
+        # The stall runs from the decision when the rebuild follows it at once (tune()): the
+        # old loader's shutdown and the new one's start happen in between.
+        t0 = decided[0] if decided is not None and decided[1] == step else now
+        self._warm = _Warmup(t0, warmup_batches, step)
         self.timer.discard(warmup_batches)
         if self.collective is None:
-            self.schedule.open(time.perf_counter(), step, warmup_batches)
+            self.schedule.open(now, step, warmup_batches)
         elif collective:
             self.schedule.extend(warmup_batches)
 
@@ -228,6 +254,15 @@ class TuningSession:
             decide: False while a change waits to take effect: the window is measured and
                 logged, and nothing is decided on it.
         """
+        warm = self._warm
+        if warm is not None and not warm.reopened and self.collective is None and self.timer.batches:
+            # A window opened at the rebuild: its deadline may have passed during the stall, and
+            # it would close on a few backlog batches. It lasts window_s from its first batch.
+            first = getattr(self.timer, "_start", None)
+            warm.reopened = True
+            if first is not None and now_s - first < self.schedule.window_s:
+                self.schedule.open(first, step - self.timer.batches)
+                return None
         if not self.schedule.ready(now_s, step, wait_share=self.timer.wait_share, num_workers=config.num_workers):
             return None
         loop = self.timer.take()
@@ -246,6 +281,7 @@ class TuningSession:
             return None
         diagnosis = diagnose(metrics, config, self.environment)
         self.metrics, self.diagnosis = metrics, diagnosis
+        costs = self._costs(loop, metrics, config, now_s, step)
         self.events_log.emit(
             "window",
             step,
@@ -253,6 +289,7 @@ class TuningSession:
             config=config.to_dict(),
             metrics=metrics.to_dict(),
             diagnosis=diagnosis.to_dict(),
+            **costs,
         )
         self._log_advice(diagnosis)
         if self.mode == "recommend":
@@ -260,13 +297,14 @@ class TuningSession:
             return None
         if not decide:
             return None
-        decision = self.controller.decide(metrics, diagnosis, now_s)
+        decision = self.controller.decide(self._job_metrics(metrics, config), diagnosis, now_s)
         if collective is not None:
             # Rank 0's decision is everyone's: cooldowns and bounds may differ per rank.
             decision = collective.broadcast(decision, step=step)
             self.controller.adopt(decision)
         self.recommendation = decision.recommendation
         if decision.action in ("change", "revert"):
+            self._decided = (now_s, step)
             return decision
         if decision.action in _LOGGED_ACTIONS:
             logger.info("%s%s", self._prefix(), decision.reason)
@@ -325,6 +363,23 @@ class TuningSession:
         """Logs and records a configuration change the front end made (or will make ``when``)."""
         self._changes += 1
         self._since_change = _Tally()
+        warm = self._warm
+        if warm is not None and warm.step == step and not warm.extended:
+            warm.extended = True
+            warm.new_workers = after.num_workers > 0 and (
+                (before.num_workers, before.batch_size) != (after.num_workers, after.batch_size)
+                or not before.persistent_workers
+            ) and not (after.persistent_workers and not before.persistent_workers and before.num_workers == after.num_workers)
+            # New workers prefetch while they start: the loop then drains that backlog faster
+            # than they make batches. It is warm-up too, not the new configuration's pace.
+            extra = after.num_workers * (after.prefetch_factor or 0) - max(2, after.num_workers) if warm.new_workers else 0
+            if extra > 0:
+                warm.batches += extra
+                self.timer.discard(warm.batches)
+                if self.collective is None:
+                    self.schedule.open(time.perf_counter(), step, warm.batches)
+                else:
+                    self.schedule.extend(extra)
         logger.info("%s%s %s -> %s %s: %s", self._prefix(), kind, before.describe(), after.describe(), when, reason)
         self.events_log.emit(
             "change" if kind == "reconfigure" else kind,
@@ -402,9 +457,74 @@ class TuningSession:
         for tally in ((self._first,) if not self._changes else ()) + (self._since_change,):
             tally.add(loop.samples, busy)
 
+    def _costs(self, loop: LoopWindow, metrics: WindowMetrics, config: LoaderConfig, now_s: float, step: int) -> dict[str, Any]:
+        """What the job paid beyond the steady pace, told to the controller: the stall of the
+        last rebuild (measured on the first window after its warm-up) and the workers' start-up
+        each epoch pays while they are not persistent."""
+        out: dict[str, Any] = {}
+        key = (config.num_workers, config.persistent_workers)
+        warm, self._warm = self._warm, None
+        if warm is not None and metrics.batches_per_s > 0 and loop.start_s >= warm.t0:
+            # From the decision to this window's first batch, less what the warm-up batches
+            # (and the deciding batch's step) take at the pace measured now.
+            stall = max(0.0, loop.start_s - warm.t0 - (warm.batches + 1) / metrics.batches_per_s)
+            self.last_stall_s = stall
+            out["stall_s"] = round(stall, 4)
+            if warm.new_workers:
+                self.controller.note_stall(stall)
+                if config.num_workers > 0 and not config.persistent_workers:
+                    # Every epoch starts these workers again.
+                    self._startup[key] = stall
+        if metrics.epoch_start_wait_s is not None and config.num_workers > 0:
+            self._startup[key] = max(0.0, metrics.epoch_start_wait_s - metrics.wait_s_per_batch)
+        startup = self._startup.get(key) if config.num_workers > 0 and not config.persistent_workers else None
+        epoch_s = None
+        if metrics.batches_per_s > 0:
+            if self._epoch_batches:
+                epoch_s = self._epoch_batches / metrics.batches_per_s
+            elif startup is not None and startup >= _LONG_STARTUP_S and self._epoch_s is not None:
+                # The first epoch is at least as long as it has run; a slow start-up (spawn,
+                # forkserver) is worth judging on that bound rather than waiting an epoch.
+                epoch_s = max(now_s - self._epoch_s, 1e-3)
+        if startup is not None:
+            out["startup_s"] = round(startup, 4)
+        if epoch_s is not None:
+            out["epoch_s"] = round(epoch_s, 3)
+        self.controller.note_startup(startup, epoch_s)
+        return out
+
+    def _job_metrics(self, metrics: WindowMetrics, config: LoaderConfig) -> WindowMetrics:
+        """The window's rates as the job pays them: workers that start again at every epoch
+        cost their start-up once per epoch (the steady rate leaves it out)."""
+        if config.num_workers == 0 or config.persistent_workers:
+            return metrics
+        share = self.controller.startup_share()
+        if share is None or share <= 0.0:
+            return metrics
+        f = 1.0 - share
+        return dataclasses.replace(metrics, samples_per_s=metrics.samples_per_s * f, batches_per_s=metrics.batches_per_s * f)
+
     def _tally_partial(self) -> None:
         # What the loop did since the last window closed counts too: short runs may close none.
         self._tally(self.timer.take())
+
+
+#: Worker start-up (seconds) slow enough to be judged before the first epoch has ended.
+_LONG_STARTUP_S = 1.0
+
+
+class _Warmup:
+    """The warm-up after a rebuild: from when (the decision), how many batches, at which step."""
+
+    __slots__ = ("batches", "extended", "new_workers", "reopened", "step", "t0")
+
+    def __init__(self, t0: float, batches: int, step: int) -> None:
+        self.t0 = t0
+        self.batches = batches
+        self.step = step
+        self.reopened = False
+        self.extended = False
+        self.new_workers = True
 
 
 class _Tally:

@@ -379,3 +379,83 @@ def test_forced_step_down_needs_no_trial():
     assert d.action == "change" and d.config.num_workers == 4 and d.recommendation.forced
     # The next window is an ordinary one: no keep/revert of a change a limit demanded.
     assert c.decide(metrics(samples_per_s=800.0), diagnose(metrics(), c.config), 5.0).action == "hold"
+
+
+# -- issue 13: what the job pays end to end -------------------------------------------------------
+def test_a_measured_rebuild_stall_holds_a_change_that_cannot_pay_it_back():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    c = _controller(cfg)
+    c.note_stall(12.0)  # spawn: workers take 12 s to start again
+    m0 = metrics(wait_share=0.2, wait_s_per_batch=0.004, compute_s_per_batch=0.016, batches_per_s=50, samples_per_s=1600, loader_cpu_s_per_batch=0.001)
+    d, _ = _decide_until_not_measuring(c, m0, 0.0)
+    # At most +25% over the 30 s horizon (7.5 s) cannot pay a 12 s stall there and back.
+    assert d.action == "hold" and "stalls the loop" in d.reason and c.config == cfg
+
+
+def test_without_a_measured_stall_the_same_change_is_tried():
+    c = _controller(LoaderConfig(num_workers=4, batch_size=32))
+    m0 = metrics(wait_share=0.2, wait_s_per_batch=0.004, compute_s_per_batch=0.016, batches_per_s=50, samples_per_s=1600, loader_cpu_s_per_batch=0.001)
+    d, _ = _decide_until_not_measuring(c, m0, 0.0)
+    assert d.action == "change"
+
+
+def test_a_costly_revert_keeps_a_change_that_is_not_slower():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    m0 = metrics(wait_share=0.3, wait_s_per_batch=0.006, compute_s_per_batch=0.014, batches_per_s=50, samples_per_s=1600, loader_cpu_s_per_batch=0.001)
+    m1 = metrics(samples_per_s=1630.0, wait_share=0.28)  # +1.9%: inside the 3% band
+    cheap = _controller(cfg)
+    d, _ = _decide_until_not_measuring(cheap, m0, 0.0)
+    assert d.action == "change"
+    assert _decide_until_not_measuring(cheap, m1, 200.0)[0].action == "revert"
+    costly = _controller(cfg)
+    d, _ = _decide_until_not_measuring(costly, m0, 0.0)
+    assert d.action == "change"
+    costly.note_stall(10.0)  # the rebuild just measured: going back costs as much again
+    k, _ = _decide_until_not_measuring(costly, m1, 200.0)
+    assert k.action == "keep" and costly.config.num_workers > 4
+
+
+def test_worker_start_up_at_every_epoch_switches_to_persistent_workers():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    c = _controller(cfg)
+    c.note_startup(6.0, 20.0)  # 6 s of start-up per 20 s epoch
+    m = metrics()
+    d = c.decide(m, diagnose(m, c.config), now_s=1.0)
+    assert d.action == "change" and d.config == cfg.replace(persistent_workers=True)
+    assert d.recommendation.forced and c.config.persistent_workers
+    # Once persistent, nothing more to do for start-up.
+    assert c.decide(m, diagnose(m, c.config), now_s=10.0).action != "change" or c.config.persistent_workers
+
+
+def test_small_start_up_or_no_permission_keeps_workers_as_they_are():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    c = _controller(cfg)
+    c.note_startup(0.1, 600.0)  # fork start-up on long epochs: nothing to win
+    m = metrics()
+    assert c.decide(m, diagnose(m, cfg), now_s=1.0).action == "hold"
+    lightning = _controller(cfg, allow_persistent=False)
+    lightning.note_startup(6.0, 20.0)
+    assert lightning.decide(m, diagnose(m, cfg), now_s=1.0).action == "hold"
+
+
+def test_persistence_during_a_trial_carries_to_the_configuration_a_revert_returns_to():
+    cfg = LoaderConfig(num_workers=4, batch_size=32)
+    c = _controller(cfg)
+    m0 = metrics(wait_share=0.6, wait_s_per_batch=0.03, compute_s_per_batch=0.02, batches_per_s=20, samples_per_s=640)
+    d = c.decide(m0, diagnose(m0, cfg), now_s=0.0)
+    assert d.action == "change" and d.config.num_workers > 4
+    c.note_startup(5.0, 10.0)
+    p = c.decide(metrics(), diagnose(metrics(), c.config), now_s=5.0)
+    assert p.action == "change" and p.config.persistent_workers and p.config.num_workers == d.config.num_workers
+    slower = metrics(samples_per_s=300.0)
+    r, _ = _decide_until_not_measuring(c, slower, 10.0)
+    assert r.action == "revert" and r.config == cfg.replace(persistent_workers=True)
+
+
+def test_note_stall_keeps_the_largest_and_forgets_slowly():
+    c = _controller()
+    c.note_stall(10.0)
+    c.note_stall(0.5)
+    assert c.stall_s == pytest.approx(8.1)
+    c.note_stall(float("nan"))
+    assert c.stall_s == pytest.approx(8.1)
