@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -322,24 +321,9 @@ def _independent_session(options: Any, config: Any, **kwargs: Any) -> Any:
     different number of batches, and a collective window would then wait for a peer that never
     comes. Recommend mode changes nothing, so no decision needs to agree across ranks.
     """
-    import inspect
+    from loadertune.session import TuningSession
 
-    import loadertune.session as session_module
-
-    if "distributed" in inspect.signature(session_module.TuningSession).parameters:
-        return session_module.TuningSession(options, config, distributed=False, **kwargs)
-    # The session joins a collective whenever torch.distributed is initialized; keep it out.
-    # TODO(issue 17): drop once TuningSession takes distributed=False.
-    with _lock:
-        original = session_module._make_collective
-        session_module._make_collective = lambda timeout_s: None
-        try:
-            return session_module.TuningSession(options, config, **kwargs)
-        finally:
-            session_module._make_collective = original
-
-
-_lock = threading.Lock()
+    return TuningSession(options, config, distributed=False, **kwargs)
 
 
 def _shuffled(loader: Any) -> bool | None:
