@@ -12,6 +12,7 @@ batches it was handed, oldest first), and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import deque
@@ -102,6 +103,12 @@ class LoaderPipeline:
         # A BatchSampler passed in (batch_size=None on the loader) holds the batch settings.
         self.drop_last = loader.batch_sampler.drop_last if self.kind == "sampler" else loader.drop_last
         self.pending: LoaderConfig | None = None
+        #: The ``worker_init_fn`` of the loaders it builds (the user's, or the stall watch's
+        #: wrapper around it).
+        self.worker_init_fn: Callable[[int], Any] | None = loader.worker_init_fn
+        #: The run's ``distributed.Collective`` (None outside torch.distributed): workers fork
+        #: inside its ``fork_guard``.
+        self.collective: Any = None
         self.src_it: Iterator[Any] | None = None
         self.src_issued: deque[Any] | None = None
         self.rebuilds = 0
@@ -159,7 +166,7 @@ class LoaderPipeline:
         if self.kind == "iterable":
             if self._inner is None:
                 self._inner = self._build(None)
-            self._it = _iterate(self._inner)
+            self._it = _iterate(self._inner, self.collective)
         else:
             source = self._epoch_source()
             self._stream = EpochStream(source, drawn=self.epoch_start.position)
@@ -170,7 +177,7 @@ class LoaderPipeline:
                 sampler = self._inner_sampler()
                 sampler.stream = self._stream
                 sampler.issued.clear()
-            self._it = _iterate(self._inner)
+            self._it = _iterate(self._inner, self.collective)
         self._point()
         return switched
 
@@ -269,6 +276,11 @@ class LoaderPipeline:
             The batches still in flight in a loader handing over (they are delivered before the
             new loader's first).
         """
+        if self._keep_alive(config):
+            # Only persistent_workers turns on: the running workers are kept (no stall).
+            self.config = config
+            self.rebuilds += 1
+            return 0
         stream = self._stream
         in_flight = 0
         # Built (not started) first: a configuration torch refuses raises here, with the old
@@ -299,7 +311,7 @@ class LoaderPipeline:
             # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
             self._inner = new
             try:
-                self._it = _iterate(new)
+                self._it = _iterate(new, self.collective)
             except BaseException as exc:
                 # The epoch cannot go on without a loader: every later next() says why, so it
                 # never ends early in silence.
@@ -308,6 +320,28 @@ class LoaderPipeline:
                 raise
         self._point()
         return in_flight
+
+    def _keep_alive(self, config: LoaderConfig) -> bool:
+        """Turns persistent_workers on for the loader running now, in place, when that is the
+        only change: torch's iterator then keeps its workers at the epoch's end, and the next
+        epoch resets it instead of starting workers again."""
+        c, inner, it = self.config, self._inner, self._it
+        if not (
+            config == c.replace(persistent_workers=True)
+            and not c.persistent_workers
+            and c.num_workers > 0
+            and self._drain is None
+            and inner is not None
+            and it is not None
+            and hasattr(it, "_persistent_workers")
+            and self.kind != "iterable"
+        ):
+            return False
+        # torch forbids setting it on a built loader; the loader object itself is ours.
+        object.__setattr__(inner, "persistent_workers", True)
+        inner._iterator = it
+        it._persistent_workers = True
+        return True
 
     def requeue_front(self, items: Any) -> None:
         """Hands ``items`` (a failed batch's indices) out again first, then what is in flight."""
@@ -458,8 +492,7 @@ class LoaderPipeline:
 
     # -- building ----------------------------------------------------------------------------------
     def _build(self, stream: EpochStream | None, config: LoaderConfig | None = None) -> DataLoader:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+        with _torch_warnings_once():
             loader = self._new_loader(stream, config or self.config)
         # `loadertune run` instruments user loaders; the ones loadertune builds pass through.
         loader._loadertune_internal = True
@@ -472,7 +505,7 @@ class LoaderPipeline:
             "pin_memory": c.pin_memory,
             "collate_fn": loader.collate_fn,
             "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
+            "worker_init_fn": self.worker_init_fn,
             "generator": self._generator,
         }
         if loader.pin_memory_device:
@@ -587,12 +620,41 @@ class _Failed:
         raise RuntimeError(f"the DataLoader for the rest of this epoch could not be started: {self.exc!r}") from self.exc
 
 
-def _iterate(loader: DataLoader) -> Iterator[Any]:
+#: torch's warnings already shown in this process (category, text): once per run, not per rebuild.
+_WARNED: set[tuple[type, str]] = set()
+
+
+@contextlib.contextmanager
+def _torch_warnings_once() -> Iterator[None]:
+    """Building or starting a loader: torch's warnings pass once per process.
+
+    torch warns past its suggested worker count (the usable CPUs); loadertune goes past it on
+    purpose for I/O-bound loads and bounds CPU-bound ones itself, so that one is dropped. The
+    rest (pin_memory without an accelerator...) would come again at every rebuild: a
+    ``catch_warnings`` block resets Python's once-per-location memory, so they are recorded and
+    re-issued only the first time (through the user's filters, which still apply).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+        yield
+    for w in caught:
+        key = (w.category, str(w.message))
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _iterate(loader: DataLoader, collective: Any = None) -> Iterator[Any]:
+    guard: Any = contextlib.nullcontext()
+    if collective is not None and loader.num_workers > 0:
+        from loadertune.distributed import fork_guard
+
+        # Under torch.distributed, workers fork from a process with gloo's threads: fork them
+        # from a quiet state (see fork_guard), so nothing of those threads is touched in a worker.
+        guard = fork_guard(collective)
     try:
-        with warnings.catch_warnings():
-            # torch warns past its suggested worker count (the usable CPUs); loadertune goes past
-            # it on purpose for I/O-bound loads and bounds CPU-bound ones itself.
-            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+        with guard, _torch_warnings_once():
             return iter(loader)
     except BaseException as exc:
         # Interrupted (Ctrl-C) or failed half-way: torch's iterator was never returned, so stop

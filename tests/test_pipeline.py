@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import loadertune
