@@ -206,6 +206,8 @@ class TuningSession:
         if nbytes and nbytes != self.batch_bytes:
             self.batch_bytes = nbytes
             self.controller.note_batch_bytes(nbytes)
+            # The diagnosis compares the batches in flight with what /dev/shm has free.
+            self.environment = dataclasses.replace(self.environment, batch_bytes=nbytes)
 
     def rebuilt(self, warmup_batches: int, *, step: int, collective: bool = True) -> None:
         """After the loader changed: its first batches measure start-up, not pace.

@@ -232,3 +232,23 @@ def test_a_script_that_never_closes_still_writes_its_summary(tmp_path: Path) -> 
     assert kinds[0] == "start" and kinds[-1] == "summary"
     summary = json.loads(log.read_text().splitlines()[-1])
     assert "32 batches in 2 epoch(s)" in summary["text"]
+
+
+def test_the_diagnosis_sees_the_batch_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 workers x prefetch 2 of 4 MiB batches against 16 MiB free in /dev/shm: memory-bound, which
+    # only a diagnosis told the batch size can see.
+    def compute(loop: Any, ticks: Any, config: LoaderConfig) -> Any:
+        return metrics(shm_free_bytes=16 * MIB, shm_total_bytes=64 * MIB, wait_share=0.3, wait_s_per_batch=0.01)
+
+    monkeypatch.setattr("loadertune.session.compute_metrics", compute)
+    config = LoaderConfig(num_workers=4, batch_size=2)
+    session = TuningSession(TuneOptions(**FAST), config, batch_resizable=True)
+    batch = torch.zeros(2, 512, 1024)
+    try:
+        session.epoch_started(0.0, 0)
+        for step in range(1, 5):
+            session.record(step - 1.0, step - 0.5, 2, batch, step=step, epoch=0, config=config)
+    finally:
+        session.close(step=4, epoch=0, epochs=1, config=config)
+    assert session.environment.batch_bytes == 4 * MIB
+    assert session.diagnosis is not None and session.diagnosis.kind == "memory_bound", session.diagnosis
