@@ -10,6 +10,8 @@ the session logs and records it. Worker deaths are classified and recovered from
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 import torch
@@ -57,6 +59,15 @@ class Actuator:
         self._iterable = pipeline.kind == "iterable"
         self._workers_cap = workers_cap
         self._warned: set[str] = set()
+        # The worker the stall watch killed to restart a stuck batch (on_stall="restart").
+        self._stall_restart: int | None = None
+        from loadertune.memory import MemoryTrend
+
+        self._memory = MemoryTrend()
+        self._memory_warned: LoaderConfig | None = None
+        if session.bounds.ram_budget_bytes is not None:
+            # Until a worker is measured, one could grow to this process's size (issue 15).
+            session.controller.unmeasured_worker_bytes = _own_rss()
 
     def undo_batch_increase(self) -> bool:
         """After an out-of-memory error: back to the batch size before the last increase, the
@@ -216,6 +227,79 @@ class Actuator:
                 rec.config.num_workers,
             )
 
+    def check_memory(self) -> None:
+        """Once per window: the workers' PSS forecast for the epoch's end against the RAM budget.
+
+        Both modes warn (once per configuration) with the cause and the fix; apply mode steps
+        down to the workers that fit, a limit rather than a speed experiment. The controller
+        also learns whether the workers' memory has settled (it holds back steps up until then).
+        """
+        session, pipeline = self._session, self._pipeline
+        budget = session.bounds.ram_budget_bytes
+        read = getattr(session.sampler.host, "worker_pss", None)
+        if budget is None or read is None:
+            return
+        walk, by_pid, rss = read()
+        pids = set(pipeline.worker_pids())
+        by_pid = {pid: pss for pid, pss in by_pid.items() if pid in pids}
+        trend = self._memory
+        trend.observe(walk, self._front.epoch, pipeline.position(), _epoch_length(pipeline), by_pid, rss)
+        controller = session.controller
+        settled = trend.settled_bytes()
+        if settled is not None and controller.unmeasured_worker_bytes is not None:
+            controller.unmeasured_worker_bytes = None
+            controller.converged = False  # the steps held back for the measurement may go on
+        elif settled is None and pids and controller.unmeasured_worker_bytes is None:
+            controller.unmeasured_worker_bytes = _own_rss()
+        forecast = trend.forecast()
+        config = self._front.config
+        if forecast is None or not forecast.crosses(budget) or config.num_workers == 0:
+            return
+        from loadertune.memory import FIX, workers_within
+
+        target = workers_within(budget, forecast.per_worker_end_bytes, config.num_workers)
+        apply = self._mode == "apply" and pipeline.in_epoch
+        if self._memory_warned != config:
+            self._memory_warned = config
+            mib = 2**20
+            length = _epoch_length(pipeline) or 0
+            logger.warning(
+                "the DataLoader workers' memory grows through the epoch: %d workers hold %.0f MiB "
+                "after %.0f%% of it and are heading for %.0f MiB by its end (%.0f KiB more per "
+                "sample), over the %.0f MiB RAM budget. Likely copy-on-read: %s. %s",
+                forecast.workers,
+                forecast.now_bytes / mib,
+                100.0 * pipeline.position() / max(1, length),
+                forecast.end_bytes / mib,
+                forecast.slope_bytes_per_sample / 1024,
+                budget / mib,
+                FIX,
+                f"Stepping down to num_workers={target} before it is crossed."
+                if apply
+                else f"Until then, num_workers={target} keeps it within the budget.",
+            )
+            session.events_log.emit(
+                "memory",
+                self._front.step,
+                self._front.epoch,
+                forecast=forecast.to_dict(),
+                budget_bytes=budget,
+                config=config.to_dict(),
+                action="step_down" if apply else "warn",
+                num_workers=target,
+                fix=FIX,
+            )
+        if apply:
+            after = config.replace(num_workers=target)
+            self.change(
+                after,
+                "change",
+                f"the workers' memory is predicted at {forecast.end_bytes / 2**20:.0f} MiB by the epoch's "
+                f"end, over the {budget / 2**20:.0f} MiB budget; {target} workers keep within it",
+            )
+            # A limit, not a speed experiment: no more workers are tried again.
+            controller.note_fault(config, self._front.config)
+
     def act(self, decision: Decision) -> None:
         rec = decision.recommendation
         diagnosis = self._session.diagnosis
@@ -242,6 +326,9 @@ class Actuator:
         while True:
             try:
                 death = worker_death(it, exc)
+                if death in ("died", "stale") and self._stall_restart is not None:
+                    self._restart_after_stall(exc)
+                    return
                 if death == "none":
                     self._pipeline.drop_failed()
                     raise exc
@@ -255,6 +342,34 @@ class Actuator:
                     raise
                 exc = late
                 it = self._pipeline.src_it
+
+    def restart_stalled(self, pid: int, indices: Any) -> None:
+        """Called from the stall watch's thread (``on_stall="restart"``): kills the worker stuck
+        on a batch. The training thread takes the death as a restart: the same settings, the
+        stuck batch and the rest in flight served again, no ceiling learned, no crash counted."""
+        self._stall_restart = pid
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            self._stall_restart = None
+
+    def _restart_after_stall(self, exc: Exception) -> None:
+        pipeline = self._pipeline
+        pid, self._stall_restart = self._stall_restart, None
+        if not pipeline.in_epoch:
+            raise exc
+        config = self._front.config
+        logger.warning(
+            "restarted the DataLoader workers after worker pid %s stalled (on_stall='restart'): "
+            "resuming at step %d with %s, its batch served again, no sample lost",
+            pid,
+            self._front.step,
+            config.describe(),
+        )
+        pipeline.rebuild(config, handoff_ok=False)
+        self.note_workers()
+        self._session.rebuilt(max(2, config.num_workers), step=self._front.step, collective=False)
+        self._session.fault(exc, config, config, step=self._front.step, epoch=self._front.epoch, cause="stall", pid=pid)
 
     def _recover(self, exc: Exception, it: Any = None, death: str = "died") -> None:
         pipeline = self._pipeline
@@ -307,3 +422,28 @@ class Actuator:
         self._session.rebuilt(max(2, after.num_workers), step=self._front.step, collective=False)
         self._session.controller.note_fault(before, after)
         self._session.fault(exc, before, after, step=self._front.step, epoch=self._front.epoch, cause=death)
+
+
+def _own_rss() -> int | None:
+    """This process's resident size: the most a forked worker could copy of it."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # no psutil reading: no probing step
+        return None
+
+
+def _epoch_length(pipeline: LoaderPipeline) -> int | None:
+    """The epoch's length in the units of ``pipeline.position()``, None when unknown."""
+    loader = pipeline.loader
+    try:
+        if pipeline.kind == "sampler":
+            return len(loader.batch_sampler.sampler)
+        if pipeline.kind == "batch_sampler":
+            return len(loader.batch_sampler)
+        if pipeline.kind == "samples":
+            return len(loader.sampler)
+    except TypeError:
+        return None
+    return None

@@ -2,7 +2,9 @@
 
 Every event is one JSON object per line in the event log: ``{"time", "step", "epoch", "kind",
 ...}``. Kinds: ``start``, ``window`` (metrics and diagnosis), ``recommendation``, ``change``,
-``keep``, ``revert``, ``retune``, ``fault``, ``summary``.
+``keep``, ``revert``, ``retune``, ``fault``, ``stall`` (the loop waited ``stall_timeout_s`` for one
+batch: its indices, the process holding it, its stack), ``memory`` (the workers' memory is
+predicted to cross the RAM budget by the epoch's end), ``summary``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ __all__ = ["EVENT_KINDS", "Event", "EventLog", "read_events"]
 logger = logging.getLogger("loadertune")
 
 #: Every kind of event, in the order a run usually produces them.
-EVENT_KINDS = ("start", "window", "recommendation", "change", "keep", "revert", "retune", "fault", "summary")
+EVENT_KINDS = (
+    "start",
+    "window",
+    "recommendation",
+    "change",
+    "keep",
+    "revert",
+    "retune",
+    "fault",
+    "stall",
+    "memory",
+    "summary",
+)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ option means the same thing, and is refused for the same reason, whichever front
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -14,13 +15,17 @@ from typing import Any, Literal
 
 from loadertune.config import check_seconds
 
-__all__ = ["LR_EXPONENTS", "MODES", "Mode", "TuneOptions", "resolve_lr"]
+__all__ = ["LR_EXPONENTS", "MODES", "ON_STALL", "Mode", "OnStall", "TuneOptions", "resolve_lr"]
 
 logger = logging.getLogger("loadertune")
 
 Mode = Literal["recommend", "apply"]
 #: The modes ``tune`` accepts.
 MODES: tuple[Mode, ...] = ("recommend", "apply")
+
+OnStall = Literal["warn", "restart"]
+#: What ``tune(on_stall=...)`` accepts.
+ON_STALL: tuple[OnStall, ...] = ("warn", "restart")
 
 #: Learning-rate rules as exponents of the batch-size ratio.
 LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
@@ -56,6 +61,8 @@ class TuneOptions:
     sinks: tuple[Callable[[Any], Any], ...] = ()
     dist_timeout_s: float = 300.0
     iterable_shards: bool = False
+    stall_timeout_s: float | None = None
+    on_stall: OnStall = "warn"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +83,16 @@ class TuneOptions:
         for name in ("allow_batch_size", "keep_schedule_length", "iterable_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        stall = self.stall_timeout_s
+        if stall is not None:
+            if isinstance(stall, bool) or not isinstance(stall, (int, float)) or math.isnan(stall) or stall <= 0:
+                raise ValueError(
+                    f"stall_timeout_s must be a number of seconds > 0, None (derived from the batch "
+                    f"times, at least a minute) or math.inf (off), got {stall!r}"
+                )
+            object.__setattr__(self, "stall_timeout_s", float(stall))
+        if self.on_stall not in ON_STALL:
+            raise ValueError(f"on_stall must be one of {', '.join(map(repr, ON_STALL))}, got {self.on_stall!r}")
         choices = ("auto", *LR_EXPONENTS)
         if self.lr_rule not in choices:
             raise ValueError(f"lr_rule must be one of {', '.join(map(repr, choices))}, got {self.lr_rule!r}")

@@ -26,7 +26,7 @@ from loadertune.errors import ReconfigureError
 from loadertune.events import Event
 from loadertune.follower import BatchFollower
 from loadertune.metrics import WindowMetrics
-from loadertune.options import MODES, Mode, TuneOptions
+from loadertune.options import MODES, Mode, OnStall, TuneOptions
 from loadertune.pipeline import LoaderPipeline, stream_kind
 from loadertune.sampler import Sampler
 from loadertune.session import TuningSession, close_at_exit
@@ -73,6 +73,8 @@ def tune(
     sinks: tuple[Callable[[Event], Any], ...] = (),
     dist_timeout_s: float = 300.0,
     iterable_shards: bool = False,
+    stall_timeout_s: float | None = None,
+    on_stall: OnStall = "warn",
 ) -> TunedLoader:
     """Wraps a DataLoader so that it watches the training run and tunes the loading.
 
@@ -115,6 +117,14 @@ def tune(
             ``torch.utils.data.get_worker_info()``), so apply mode may give it more workers.
             Without it, apply mode adds workers only to one that already runs with two or more;
             one that does not shard would repeat every item once per worker.
+        stall_timeout_s: When the loop has waited this long for one batch, a WARNING and a
+            ``stall`` event name its sample indices, the process loading it and that process's
+            Python stack (again once per further timeout). None (default): 20 times the slowest
+            window's time per batch, at least 60 s. ``math.inf`` turns the watch off.
+        on_stall: ``"warn"`` (default) only reports; ``"restart"`` also restarts the workers once
+            per stuck batch and serves that batch again (for transient hangs such as a network
+            file system that recovers; the in-flight batches are loaded again and a hang inside
+            a worker's C call is cut short). Without workers there is nothing to restart.
 
     Returns:
         A :class:`TunedLoader`; iterate it exactly as the DataLoader.
@@ -146,6 +156,8 @@ def tune(
         sinks=sinks,
         dist_timeout_s=dist_timeout_s,
         iterable_shards=iterable_shards,
+        stall_timeout_s=stall_timeout_s,
+        on_stall=on_stall,
         ),
     )
 
@@ -207,6 +219,10 @@ class TunedLoader:
         self._closed = False
         self._cpu_mark = 0.0
         self._cpu_phase = 0
+        # perf_counter() at which the loop started waiting for a batch, 0.0 when it is not
+        # waiting: the stall watch reads it from its own thread.
+        self._wait_since = 0.0
+        self._stall: Any = None
         self._generation = 0
         self._current: _Epoch | None = None
         self.config = config
@@ -215,6 +231,7 @@ class TunedLoader:
         self._session = session = TuningSession(
             options, config, batch_resizable=kind == "sampler", optimizer=options.optimizer
         )
+        self._pipeline.collective = session.collective
         # The per-batch path reads these directly.
         self._timer = session.timer
         self._schedule = session.schedule
@@ -229,6 +246,12 @@ class TunedLoader:
         self._actuator = Actuator(
             self, self._pipeline, session, self._follower, mode=options.mode, workers_cap=workers_cap
         )
+        if options.stall_timeout_s is None or math.isfinite(options.stall_timeout_s):
+            from loadertune.stall import StallWatch
+
+            self._stall = StallWatch(self, timeout_s=options.stall_timeout_s, on_stall=options.on_stall)
+            # Every worker loadertune starts can then be asked for its stack.
+            self._pipeline.worker_init_fn = self._stall.worker_init_fn(loader.worker_init_fn)
         close_at_exit(self)
 
     @property
@@ -415,6 +438,8 @@ class TunedLoader:
         if self._closed:
             return
         self._closed = True
+        if self._stall is not None:
+            self._stall.close()
         self._pipeline.shutdown()
         self._session.close(
             step=self.step,
@@ -500,6 +525,8 @@ class TunedLoader:
         actuator.check_limits()
         if decision is not None:
             actuator.act(decision)
+        # After the window's decision: a step down for memory is the last word.
+        actuator.check_memory()
 
     # -- set-up helpers ------------------------------------------------------------------------
     def _seeded_dataset(self, dataset: Any, seed: int | None) -> Any:
@@ -567,10 +594,12 @@ class _Epoch:
             elif phase == 1:
                 loop_cpu = time.thread_time() - tl._cpu_mark
             requested = time.perf_counter()
+            tl._wait_since = requested
             try:
                 batch = next(it)
                 break
             except StopIteration:
+                tl._wait_since = 0.0
                 if pipeline.finish_drain() or pipeline.resume_unfinished():
                     # The old loader has handed over all it had in flight (or was cut short with
                     # samples left): on to the new one.
@@ -579,8 +608,13 @@ class _Epoch:
                 tl._end_epoch()
                 raise
             except Exception as exc:
+                tl._wait_since = 0.0
                 tl._actuator.after_failure(it, exc)
+            except BaseException:
+                tl._wait_since = 0.0
+                raise
         returned = time.perf_counter()
+        tl._wait_since = 0.0
         if phase >= 0:
             if phase == 0:
                 tl._cpu_mark = time.thread_time()

@@ -283,6 +283,11 @@ class HostSource:
         self._slow_at_s = -math.inf
         self._runqueue: dict[int, tuple[int, float]] = {}
         self._workers_pss_bytes: int | None = None
+        # Each worker's PSS at the last walk, and how many walks there were (the memory
+        # forecast fits each worker's growth through the epoch).
+        self._pss_by_pid: dict[int, int] = {}
+        self._rss_by_pid: dict[int, int] = {}
+        self._pss_walks = 0
         self._me = psutil.Process()
         self._me.cpu_percent(None)  # baseline for the first read
         self._own_cpu: dict[int, tuple[float, float]] = {}
@@ -293,6 +298,12 @@ class HostSource:
         """PIDs of the worker processes seen at the last reading, sorted."""
         with self._lock:
             return tuple(sorted(self._workers))
+
+    def worker_pss(self) -> tuple[int, dict[int, int], dict[int, int]]:
+        """The last PSS walk: its number (it grows with each walk), each worker's PSS and RSS
+        in bytes."""
+        with self._lock:
+            return self._pss_walks, dict(self._pss_by_pid), dict(self._rss_by_pid)
 
     def set_worker_pids(self, pids: Iterable[int] | None) -> None:
         """Say which processes are the DataLoader workers.
@@ -490,11 +501,19 @@ class HostSource:
 
     def _sum_pss(self) -> int:
         total = 0
+        by_pid: dict[int, int] = {}
+        rss_by_pid: dict[int, int] = {}
         for pid, proc in list(self._workers.items()):
             try:
-                total += proc.memory_full_info().pss
+                info = proc.memory_full_info()
+                by_pid[pid] = info.pss
+                rss_by_pid[pid] = info.rss
+                total += info.pss
             except _GONE:
                 self._forget(pid)
+        self._pss_by_pid = by_pid
+        self._rss_by_pid = rss_by_pid
+        self._pss_walks += 1
         return total
 
     def _forget(self, pid: int) -> None:
