@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
-    Dataset,
     DistributedSampler,
     IterableDataset,
     RandomSampler,
@@ -30,21 +29,9 @@ from torch.utils.data import (
 
 import loadertune
 from loadertune.checkpoint import FORMAT, VERSION
+from tests._factories import Indexed
 
 SCRIPT = Path(__file__).parent / "fixtures" / "checkpoint" / "resume.py"
-
-
-class Indexed(Dataset):
-    """Returns its index: what the loop sees tells exactly which samples arrived."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 class Noisy(Indexed):

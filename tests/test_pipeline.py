@@ -14,13 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import loadertune
 from loadertune.config import LoaderConfig
 from loadertune.controller import Decision, Recommendation
 from loadertune.pipeline import SHM_HELD_BATCHES, SHM_MARGIN, LoaderPipeline
+from tests._factories import Indexed
 
 MIB = 2**20
 
@@ -33,17 +33,6 @@ def _resource_tracker():
 
     resource_tracker.ensure_running()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Indexed(Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 class NoShard(IterableDataset):
@@ -78,7 +67,10 @@ def rest(it):
 
 
 # -- /dev/shm: the arithmetic ----------------------------------------------------------------------
-def _pipeline_on(path, batch_bytes, config=LoaderConfig(num_workers=0, batch_size=8)):
+_AT_ZERO = LoaderConfig(num_workers=0, batch_size=8)
+
+
+def _pipeline_on(path, batch_bytes, config=_AT_ZERO):
     pipeline = LoaderPipeline(DataLoader(Indexed(10), batch_size=8), dataset=Indexed(10), config=config)
     pipeline.shm_path = str(path)
     pipeline.batch_bytes = batch_bytes
@@ -345,9 +337,9 @@ def test_a_sampler_cut_short_does_not_end_the_epoch_early(workers):
 
 # -- the RAM budget wins over throughput -----------------------------------------------------------
 def test_a_memory_step_down_is_a_limit_not_an_experiment():
-    from tests._factories import metrics
     from loadertune.diagnosis import diagnose
     from loadertune.session import model_environment
+    from tests._factories import metrics
 
     with quiet(DataLoader(Indexed(64), batch_size=4, num_workers=2), mode="apply") as t:
         it = iter(t)
