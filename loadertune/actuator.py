@@ -133,7 +133,12 @@ class Actuator:
             self._front.config = config
             when = "now"
         else:
-            in_flight = pipeline.rebuild(config, handoff_ok=kind != "fault")
+            try:
+                in_flight = pipeline.rebuild(config, handoff_ok=kind != "fault")
+            except BaseException:
+                # Refused or interrupted: the front tells what the pipeline builds next.
+                self._front.config = pipeline.config
+                raise
             self._front.config = config
             self.note_workers()
             self._session.rebuilt(in_flight + max(2, config.num_workers), step=self._front.step, collective=collective)

@@ -275,7 +275,34 @@ class LoaderPipeline:
         Returns:
             The batches still in flight in a loader handing over (they are delivered before the
             new loader's first).
+
+        An interrupt (KeyboardInterrupt, SystemExit) anywhere in it reaches the caller after
+        every loader of the epoch is stopped; the rest of that epoch then refuses (every
+        ``next`` raises, naming the interrupt) and the next epoch starts clean.
         """
+        try:
+            return self._rebuild(config, handoff_ok)
+        except Exception:
+            raise
+        except BaseException as exc:
+            self._interrupted(exc)
+            raise
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """Stops every loader after an interrupt part-way through a rebuild: which samples are
+        in flight, re-queued or lost is then unknown, so the epoch is not served any further."""
+        try:
+            self._shutdown_inner()
+        finally:
+            self._it = _Failed(
+                None,
+                f"this epoch was interrupted ({type(exc).__name__}) while loadertune was rebuilding "
+                "its DataLoader, so which samples were already served is unknown; start a new "
+                "epoch with iter(), or resume from a state_dict() taken before",
+            )
+            self._point()
+
+    def _rebuild(self, config: LoaderConfig, handoff_ok: bool) -> int:
         if self._keep_alive(config):
             # Only persistent_workers turns on: the running workers are kept (no stall).
             self.config = config
@@ -608,15 +635,21 @@ def _own_shm_bytes(shm_path: str, worker_pids: list[int]) -> int | None:
 
 
 class _Failed:
-    """Stands in for an iterator that could not be started: every ``next`` raises why."""
+    """Stands in for an iterator that could not be started: every ``next`` raises why.
 
-    def __init__(self, exc: BaseException) -> None:
+    With a ``message`` it keeps no exception (whose traceback would keep the stopped iterator
+    and its queues' file descriptors alive)."""
+
+    def __init__(self, exc: BaseException | None, message: str | None = None) -> None:
         self.exc = exc
+        self.message = message
 
     def __iter__(self) -> _Failed:
         return self
 
     def __next__(self) -> Any:
+        if self.message is not None:
+            raise RuntimeError(self.message)
         raise RuntimeError(f"the DataLoader for the rest of this epoch could not be started: {self.exc!r}") from self.exc
 
 

@@ -82,7 +82,12 @@ def _shutdown_iterator(it: Any) -> None:
         # queue broken by a worker that died mid-write) concerns only workers being discarded.
         logger.warning("loadertune: shutting down old DataLoader workers: %r (ignored)", exc)
     finally:
-        _reap(workers)
+        try:
+            _reap(workers)
+        finally:
+            # An interrupt inside torch's shutdown leaves its queues open (pipes, feeder
+            # threads) and a second call does nothing (its _shutdown flag is set): closed here.
+            _close_queues(it)
     for w in workers:
         code = w.exitcode
         if code not in (0, None):
@@ -92,6 +97,43 @@ def _shutdown_iterator(it: Any) -> None:
                 w.pid,
                 _describe_exit(code),
             )
+
+
+def _close_queues(it: Any) -> None:
+    """Closes an iterator's queues once its workers are gone: both pipe ends now, rather than
+    whenever the queue objects are collected, and their feeder threads told to exit."""
+    done = getattr(it, "_workers_done_event", None)
+    if done is not None:
+        done.set()
+    pin_done = getattr(it, "_pin_memory_thread_done_event", None)
+    pin = getattr(it, "_pin_memory_thread", None)
+    if pin_done is not None and pin is not None:
+        pin_done.set()
+        pin.join(1.0)
+    queues = list(getattr(it, "_index_queues", None) or [])
+    for name in ("_worker_result_queue", "_data_queue"):
+        q = getattr(it, name, None)
+        if q is not None and all(q is not other for other in queues):
+            queues.append(q)
+    for q in queues:
+        try:
+            q.cancel_join_thread()
+            q.close()
+        except Exception:  # not a multiprocessing queue after all
+            continue
+        feeder = getattr(q, "_thread", None)
+        if feeder is not None:
+            # Its feeder thread closes both pipe ends itself once told to (close() above).
+            feeder.join(1.0)
+            continue
+        for end in ("_reader", "_writer"):  # no feeder thread: nothing else closes them
+            try:
+                getattr(q, end).close()
+            except Exception:
+                pass
+    # Everything torch's _shutdown_workers does is done: a later call must not put into the
+    # closed queues.
+    it._shutdown = True
 
 
 def _names_other_workers(exc: BaseException, workers: list[Any]) -> bool:

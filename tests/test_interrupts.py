@@ -1,0 +1,300 @@
+"""Ctrl-C anywhere in a rebuild (issue 14, "Interrupts"): deterministic, no timed signals.
+
+KeyboardInterrupt is raised at chosen points by patching; for each point the interrupt reaches
+the caller, and after ``close()`` no worker process, no extra thread, no extra file descriptor
+and no /dev/shm ``torch_*`` segment of this process is left. The interrupted epoch's iterator then
+refuses clearly (RuntimeError naming the interrupt) or, for an interrupt in ``next()`` outside a
+rebuild, goes on exactly-once; a new ``iter()`` is always a clean, complete epoch.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing.process
+import os
+import threading
+import time
+
+import psutil
+import pytest
+from torch.utils.data import DataLoader, Dataset
+
+import loadertune
+import loadertune.shutdown as shutdown_module
+from loadertune.pipeline import LoaderPipeline
+from loadertune.stream import EpochStream
+
+N = 64
+
+
+class Indexed(Dataset):
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm():
+    # One loader run before any baseline: multiprocessing's and torch's one-time set-up (the
+    # resource tracker, torch's shared-memory manager state) is not taken for a leak.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    with _tuned() as t:
+        list(t)
+        t.reconfigure(num_workers=1)
+        list(t)
+
+
+def _tuned():
+    return loadertune.tune(
+        DataLoader(Indexed(), batch_size=4, num_workers=2), mode="apply", host=None, gpu=None, window_s=3600.0
+    )
+
+
+def _shm() -> set[str]:
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return set()
+    mine = f"_{os.getpid()}_"
+    return {n for n in names if n.startswith("torch_") and mine in n}
+
+
+def _fds() -> dict[str, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def _snapshot():
+    gc.collect()
+    me = psutil.Process()
+    return (
+        {p.pid for p in me.children(recursive=True)},
+        {t.ident for t in threading.enumerate()},
+        me.num_fds(),
+        _shm(),
+    )
+
+
+def _assert_back_to(baseline) -> None:
+    children, threads, fds, shm = baseline
+    deadline = time.monotonic() + 5.0
+    while True:
+        gc.collect()
+        me = psutil.Process()
+        alive = [p for p in me.children(recursive=True) if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE]
+        extra = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
+        now_fds = me.num_fds()
+        left_shm = _shm() - shm
+        if not (alive or extra or now_fds > fds or left_shm) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not alive, f"worker processes alive after close(): {[p.pid for p in alive]}"
+    assert not extra, f"threads alive after close(): {extra}"
+    assert now_fds <= fds, f"open fds {fds} -> {now_fds}: {_fds()}"
+    assert not left_shm, f"/dev/shm segments left: {left_shm}"
+
+
+class _Once:
+    """Raises KeyboardInterrupt the ``at``-th time it is called (1-based), then never again."""
+
+    def __init__(self, at: int = 1) -> None:
+        self.at = at
+        self.calls = 0
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.at and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+
+def _patch_points(monkeypatch, point: str, once: _Once) -> None:
+    if point.startswith("worker_start"):
+        real = multiprocessing.process.BaseProcess.start
+
+        def start(self):
+            once()  # the k-th worker's start: k-1 workers of the new loader are running
+            return real(self)
+
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    elif point == "dataloader_iter":
+        real_iter = DataLoader.__iter__
+
+        def it(self):
+            if getattr(self, "_loadertune_internal", False):
+                once()
+            return real_iter(self)
+
+        monkeypatch.setattr(DataLoader, "__iter__", it)
+    elif point == "torch_shutdown_start":
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter as M
+
+        real_sd = M._shutdown_workers
+
+        def sd(self):
+            once()
+            return real_sd(self)
+
+        monkeypatch.setattr(M, "_shutdown_workers", sd)
+    elif point == "torch_shutdown_join":
+        # Inside torch's _shutdown_workers, in the join of the first worker (the done event is
+        # set, the index queues not yet closed).
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter as M
+
+        real_sd = M._shutdown_workers
+
+        def sd(self):
+            for w in self._workers:
+                real_join = w.join
+
+                def join(timeout=None, _real=real_join):
+                    once()
+                    return _real(timeout)
+
+                w.join = join
+            return real_sd(self)
+
+        monkeypatch.setattr(M, "_shutdown_workers", sd)
+    elif point == "reap":
+        real_reap = shutdown_module._reap
+
+        def reap(workers):
+            once()
+            return real_reap(workers)
+
+        monkeypatch.setattr(shutdown_module, "_reap", reap)
+    elif point == "between":
+        real_inner = LoaderPipeline._shutdown_inner
+
+        def inner(self):
+            real_inner(self)
+            once()  # the old loader is stopped, the new one not started
+
+        monkeypatch.setattr(LoaderPipeline, "_shutdown_inner", inner)
+    elif point == "requeue":
+        real_requeue = EpochStream.requeue
+
+        def requeue(self, items):
+            once()
+            return real_requeue(self, items)
+
+        monkeypatch.setattr(EpochStream, "requeue", requeue)
+    else:
+        raise AssertionError(point)
+
+
+def _flat(batches):
+    return [int(i) for b in batches for i in b]
+
+
+def _rest(it):
+    out = []
+    while True:
+        try:
+            out.extend(int(i) for i in next(it))
+        except StopIteration:
+            return out
+
+
+# (point, the change that runs into it): a worker-count change hands over (the old loader
+# drains), a batch-size change re-queues and stops the old loader inside rebuild.
+POINTS = [
+    ("worker_start_1", dict(num_workers=3)),  # the new loader's first worker
+    ("worker_start_3", dict(num_workers=3)),  # after 2 of its 3 workers started
+    ("dataloader_iter", dict(num_workers=3)),
+    ("torch_shutdown_start", dict(batch_size=8)),
+    ("torch_shutdown_join", dict(batch_size=8)),
+    ("reap", dict(batch_size=8)),
+    ("between", dict(batch_size=8)),
+    ("requeue", dict(batch_size=8)),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("point", "change"), POINTS, ids=[p for p, _ in POINTS])
+def test_an_interrupt_in_a_rebuild_reaches_the_caller_and_leaves_nothing(monkeypatch, point, change):
+    baseline = _snapshot()
+    t = _tuned()
+    try:
+        it = iter(t)
+        got = _flat([next(it) for _ in range(3)])
+        once = _Once(int(point.rsplit("_", 1)[1]) if point.startswith("worker_start") else 1)
+        with monkeypatch.context() as m:
+            _patch_points(m, point, once)
+            with pytest.raises(KeyboardInterrupt):
+                t.reconfigure(**change)
+        assert once.fired
+        # The interrupted epoch refuses clearly (its rebuild did not finish) ...
+        with pytest.raises(RuntimeError, match="interrupted"):
+            next(it)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            next(it)
+        assert got  # (what it had delivered stays delivered)
+        # ... and the next iter() is a clean, complete epoch.
+        assert sorted(_flat(t)) == list(range(N))
+    finally:
+        t.close()
+    del t, it
+    _assert_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["drain_next", "drain_shutdown"])
+def test_an_interrupt_in_the_hand_over_drain(monkeypatch, where):
+    baseline = _snapshot()
+    t = _tuned()
+    try:
+        it = iter(t)
+        got = _flat([next(it) for _ in range(3)])
+        t.reconfigure(num_workers=3)
+        pipeline = t._pipeline
+        assert pipeline.draining
+        if where == "drain_next":
+            # Ctrl-C while the loop waits on the old loader's in-flight batch: a plain next()
+            # interrupted, the epoch goes on exactly-once.
+            drain_it = pipeline._drain.it
+            real_next = drain_it._next_data
+            once = _Once()
+
+            def next_data():
+                once()
+                return real_next()
+
+            drain_it._next_data = next_data
+            with pytest.raises(KeyboardInterrupt):
+                next(it)
+            del drain_it._next_data
+            del drain_it, real_next, next_data  # (they hold the old iterator)
+            assert got + _rest(it) == list(range(N))
+        else:
+            # Ctrl-C while the drained old loader is being stopped (finish_drain).
+            once = _Once()
+            real_sd = LoaderPipeline._shutdown_drain
+
+            def sd(self):
+                if self._drain is not None:
+                    once()
+                return real_sd(self)
+
+            with monkeypatch.context() as m:
+                m.setattr(LoaderPipeline, "_shutdown_drain", sd)
+                with pytest.raises(KeyboardInterrupt):
+                    while True:
+                        got += [int(i) for i in next(it)]
+            rest = _rest(it)
+            assert got + rest == list(range(N))
+        assert sorted(_flat(t)) == list(range(N))
+    finally:
+        t.close()
+    del t, it
+    _assert_back_to(baseline)
