@@ -412,11 +412,14 @@ class TuningSession:
         if self._changes:
             what = f"{self._initial.describe()} -> {config.describe()} in {self._changes} change(s)"
             if first and last:
-                what += f"; {first:.0f} -> {last:.0f} samples/s ({last / first:.2f}x)"
+                # Steady rates: the loop's pace at the first and the final configuration, the
+                # warm-up (and stall) after each change left out. The job's wall-clock rate is
+                # lower by those; the change events carry each stall_s.
+                what += f"; {first:.0f} -> {last:.0f} samples/s steady ({last / first:.2f}x; warm-up after changes not counted)"
         else:
             what = f"unchanged {config.describe()}"
             if last:
-                what += f"; {last:.0f} samples/s"
+                what += f"; {last:.0f} samples/s steady"
         rec = self.recommendation
         if self.mode == "recommend" and rec is not None:
             what += f"; recommended {', '.join(f'{k}={b}' for k, (_a, b) in rec.changes.items())}"

@@ -459,3 +459,58 @@ def test_note_stall_keeps_the_largest_and_forgets_slowly():
     assert c.stall_s == pytest.approx(8.1)
     c.note_stall(float("nan"))
     assert c.stall_s == pytest.approx(8.1)
+
+
+def conv_net_with_jpeg_decode_at_zero(**kw):
+    # The issue-13 JPEG conv net: decode 0.2 s/batch in the loop, a 0.27 s step whose torch
+    # threads keep ~1.6 of the 2 CPUs busy. From the rates alone one worker keeps up.
+    base = dict(
+        wait_share=0.43, wait_s_per_batch=0.2, compute_s_per_batch=0.27, batches_per_s=2.1,
+        samples_per_s=67.0, loader_cpu_s_per_batch=0.19, cpu_pct=80.0, usable_cpus=2,
+        process_cpu_pct=160.0, loop_cpu_cores=1.6,
+    )
+    base.update(kw)
+    return metrics(**base)
+
+
+def test_cpu_heavy_loading_beside_a_cpu_busy_loop_aims_at_the_usable_cpus():
+    cfg = LoaderConfig(num_workers=0, batch_size=32)
+    m = conv_net_with_jpeg_decode_at_zero()
+    # Rates alone: 0.2 s of loading against 3.7 batches/s of compute -> one worker.
+    assert estimate_workers(m, cfg, BOUNDS).needed == 2
+    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS)
+    assert rec is not None and rec.config.num_workers == 2
+    # The same loading beside a loop that sleeps (no CPU of its own) keeps the rate estimate.
+    idle = conv_net_with_jpeg_decode_at_zero(loop_cpu_cores=0.05, process_cpu_pct=45.0)
+    assert estimate_workers(idle, cfg, BOUNDS).needed == 1
+    # I/O-bound loading (a worker mostly waits) is not a CPU share question either.
+    io = conv_net_with_jpeg_decode_at_zero(loader_cpu_s_per_batch=0.01)
+    assert estimate_workers(io, cfg, BOUNDS).needed == 1
+    # More CPUs than the contention calls for: the aim stops at the rates x (1 + loop cores).
+    wide = Bounds(usable_cpus=16, max_workers=64, ram_budget_bytes=8 * GIB)
+    assert estimate_workers(m, cfg, wide).needed == 3
+
+
+def test_jpeg_conv_net_trial_goes_to_the_usable_cpus_not_one_worker():
+    c = Controller(LoaderConfig(num_workers=0, batch_size=32), BOUNDS)
+    m = conv_net_with_jpeg_decode_at_zero()
+    d = None
+    for i in range(30):
+        d = c.decide(m, diagnose(m, c.config), now_s=2.0 * (i + 1))
+        if d.action == "change":
+            break
+    assert d.action == "change" and d.config.num_workers == 2
+
+
+def test_short_epochs_switch_to_persistent_workers_on_a_short_start_up():
+    # Short epochs (issue 13): a 0.1 s fork start-up on 0.25 s epochs is 29% of the job.
+    cfg = LoaderConfig(num_workers=9, batch_size=16)
+    c = _controller(cfg)
+    c.note_startup(0.1, 0.25)
+    m = metrics()
+    d = c.decide(m, diagnose(m, cfg), now_s=1.0)
+    assert d.action == "change" and d.config.persistent_workers and d.config.num_workers == 9
+    # A wait's noise (10 ms) on short epochs is not start-up.
+    quiet = _controller(cfg)
+    quiet.note_startup(0.01, 0.25)
+    assert quiet.decide(m, diagnose(m, cfg), now_s=1.0).action != "change" or not quiet.config.persistent_workers

@@ -49,16 +49,20 @@ def test_jpeg_zero_worker_rule():
     assert verdict_jpeg({0: 100.0, 1: 104.0}, [0])[0]
 
 
-def test_true_rates_split_at_the_first_and_last_change():
+def test_true_rates_cover_the_spans_the_summary_counts():
     res = JobResult("tuner")
-    res.batch_done_s = [1.0, 2.0, 3.0, 3.5, 4.0, 4.5]
-    res.batch_samples = [10] * 6
-    res.events = [{"kind": "change", "step": 3}, {"kind": "keep", "step": 4}, {"kind": "window", "step": 5}]
+    res.iter0_s = 0.5  # tune()'s set-up before the first iter() is not the loop's
+    res.batch_done_s = [1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0]
+    res.batch_samples = [10] * 7
+    # Changed at step 3; the first window after it counted batches 4-6 (warm-up: batch 3).
+    res.events = [{"kind": "change", "step": 3}, {"kind": "window", "step": 7, "batches": 3}]
     first, last = true_rates(res)
-    assert first == pytest.approx(30 / 3.0)  # batches 0-2, from the start to 3.0 s
-    assert last == pytest.approx(30 / 1.5)  # batches 3-5, from 3.0 s to 4.5 s
+    assert first == pytest.approx(20 / 2.0)  # batches 1-2: the first batch's one-off wait left out
+    assert last == pytest.approx(30 / 1.5)  # batches 4-6, from 3.5 s to 5.0 s
+    res.events = [{"kind": "change", "step": 3}, {"kind": "keep", "step": 4}]
+    assert true_rates(res)[1] == pytest.approx(40 / 2.0)  # no window after: from the change
     res.events = []
-    assert true_rates(res) == (pytest.approx(60 / 4.5), pytest.approx(60 / 4.5))
+    assert true_rates(res) == (pytest.approx(60 / 4.0), pytest.approx(60 / 4.0))
 
 
 def test_datasets_make_what_the_loop_expects():
@@ -107,3 +111,13 @@ def test_unknown_workload_is_refused(capsys):
     with pytest.raises(SystemExit):
         realjobs.main(["--only", "nope"])
     assert "unknown workload" in capsys.readouterr().err
+
+
+def test_count_target_flags_a_job_that_consumed_a_different_number_of_samples():
+    from bench.realjobs import count_target
+
+    ok = JobResult("w=0", samples=4800)
+    short = JobResult("tuner", samples=3600)
+    assert count_target({"w=0": [ok], "tuner": [ok]}, 4800)["verdict"] == "PASS"
+    t = count_target({"w=0": [ok], "tuner": [ok, short]}, 4800)
+    assert t["verdict"] == "MISS" and "tuner run 2: 3600" in t["measured"]
