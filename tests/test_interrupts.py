@@ -119,7 +119,7 @@ class _Once:
 
 
 def _patch_points(monkeypatch, point: str, once: _Once) -> None:
-    if point.startswith("worker_start"):
+    if point.startswith("worker_start"):  # (the k-th start: _Once(at=k))
         real = multiprocessing.process.BaseProcess.start
 
         def start(self):
@@ -298,3 +298,95 @@ def test_an_interrupt_in_the_hand_over_drain(monkeypatch, where):
         t.close()
     del t, it
     _assert_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("k", [1, 2])
+def test_an_interrupt_while_iter_starts_the_workers(monkeypatch, k):
+    # Ctrl-C inside iter(tuned) (the epoch's loader starting its k-th worker): no iterator was
+    # handed out; the next iter() is a clean epoch.
+    baseline = _snapshot()
+    t = _tuned()
+    try:
+        list(t)
+        once = _Once(k)
+        with monkeypatch.context() as m:
+            _patch_points(m, "worker_start", once)
+            with pytest.raises(KeyboardInterrupt):
+                iter(t)
+        assert once.fired
+        assert _flat(t) == list(range(N))
+    finally:
+        t.close()
+    del t
+    _assert_back_to(baseline)
+
+
+_SMOKE = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+import loadertune
+
+MARK, PIDFILE, FLAG = sys.argv[1], sys.argv[2], sys.argv[3]
+MAIN = os.getpid()
+open(PIDFILE, "w").write(str(MAIN))
+
+class Data(Dataset):
+    def __len__(self):
+        return 4000
+    def __getitem__(self, i):
+        if i == 700 and not os.path.exists(FLAG):
+            open(FLAG, "w").close()
+            os.kill(MAIN, signal.SIGINT)  # Ctrl-C, from whichever process loads sample 700
+        time.sleep(0.0005)
+        return i
+
+t = loadertune.tune(DataLoader(Data(), batch_size=8, num_workers=2), mode="apply", host=None, gpu=None)
+steps = 0
+for epoch in range(3):
+    for batch in t:
+        steps += 1
+        if steps % 5 == 0:  # rebuild-heavy: a change every 5 batches
+            n = (steps // 5) % 3 + 1
+            t.reconfigure(num_workers=n, batch_size=8 if n != 2 else 16)
+print("finished without the interrupt", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_real_sigint_in_a_rebuild_heavy_job_exits_and_leaves_no_process(tmp_path):
+    import subprocess
+    import sys
+
+    marker = f"lt-sigint-smoke-{os.getpid()}-{time.monotonic_ns()}"
+    script = tmp_path / "job.py"
+    script.write_text(_SMOKE)
+    pidfile, flag = tmp_path / "pid", tmp_path / "flag"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(script), marker, str(pidfile), str(flag)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=env,
+    )
+    assert flag.exists(), proc.stderr[-2000:]
+    assert "finished without the interrupt" not in proc.stdout
+    assert "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+    # Python dies of the SIGINT it did not handle (exit status -2).
+    assert proc.returncode == -2, (proc.returncode, proc.stderr[-2000:])
+    deadline = time.monotonic() + 5.0
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if marker in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    left.append(p.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes of the interrupted job left: {left} (main pid {pidfile.read_text()})"
