@@ -438,9 +438,15 @@ class TunedLoader:
         if self._closed:
             return
         self._closed = True
-        if self._stall is not None:
-            self._stall.close()
-        self._pipeline.shutdown()
+        try:
+            if self._stall is not None:
+                self._stall.close()
+            self._pipeline.shutdown()
+        except BaseException:
+            # Interrupted (Ctrl-C) while stopping the workers: a second close(), or the one at
+            # interpreter exit, finishes the job.
+            self._closed = False
+            raise
         self._session.close(
             step=self.step,
             epoch=self.epoch,

@@ -390,3 +390,23 @@ def test_a_real_sigint_in_a_rebuild_heavy_job_exits_and_leaves_no_process(tmp_pa
             break
         time.sleep(0.1)
     assert not left, f"processes of the interrupted job left: {left} (main pid {pidfile.read_text()})"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("point", ["torch_shutdown_start", "torch_shutdown_join", "reap"])
+def test_an_interrupt_in_close_is_finished_by_a_second_close(monkeypatch, point):
+    # Ctrl-C while close() stops the workers (mid-epoch, so a loader is running): it reaches the
+    # caller, and close() again (or the one at interpreter exit) leaves nothing behind.
+    baseline = _snapshot()
+    t = _tuned()
+    it = iter(t)
+    next(it)
+    once = _Once()
+    with monkeypatch.context() as m:
+        _patch_points(m, point, once)
+        with pytest.raises(KeyboardInterrupt):
+            t.close()
+    assert once.fired
+    t.close()
+    del t, it
+    _assert_back_to(baseline)
