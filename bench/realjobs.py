@@ -532,7 +532,9 @@ def true_rates(res: JobResult) -> tuple[float | None, float | None]:
     The summary reports steady rates: at the first configuration, and at the last one after its
     warm-up. Like with like, the loop's are timed on the bench's own clock over the same spans:
     "first" from the end of the job's first batch (its wait holds ``tune()``'s one-off set-up
-    and the first workers' start) to the first change; "last" from the first batch the tuner
+    and the first workers' start) to the end of the batch before the deciding one (the deciding
+    batch's step carries the decision and the rebuild's start, which the summary counts as the
+    change's warm-up, not the first configuration's pace); "last" from the first batch the tuner
     counted after the last change (the start of the first window event after it: a rebuild's
     stall and its warm-up batches are left out, as the summary leaves them out) to the end.
     Time between epochs counts: worker start-up at every epoch is what the job pays.
@@ -557,7 +559,7 @@ def true_rates(res: JobResult) -> tuple[float | None, float | None]:
         after = [e for e in res.events if e["kind"] == "window" and e["step"] > changes[-1] and e.get("batches")]
         if after:
             last_start = max(last_start, after[0]["step"] - int(after[0]["batches"]))
-    return rate(1, first_end), rate(last_start, len(done))
+    return rate(1, first_end - 1 if changes else first_end), rate(last_start, len(done))
 
 
 def wl_short(quick: bool) -> dict[str, Any]:
@@ -619,18 +621,25 @@ def wl_spawn(quick: bool) -> dict[str, Any]:
         "w=4 pw": _loader_factory(ds, bs, 4, persistent=True, context="spawn"),
         "w=8 pw": _loader_factory(ds, bs, 8, persistent=True, context="spawn"),
     }
-    tuner = {"tuner": (_loader_factory(ds, bs, 0, context="spawn"), {"mode": "apply"})}
+    # The tuner starts from w=2 spawn: a DataLoader with num_workers=0 cannot hold a
+    # multiprocessing_context (torch refuses it), so a tuner started from w=0 rebuilt its workers
+    # with the default fork context and the workload measured fork, not spawn (its 9 workers
+    # "started" in 0.2 s where the statics' 8 spawn workers took 10 s).
+    make_tuner = _loader_factory(ds, bs, 2, context="spawn")
+    ctx = make_tuner().multiprocessing_context
+    assert ctx is not None and ctx.get_start_method() == "spawn", ctx
+    tuner = {"tuner": (make_tuner, {"mode": "apply"})}
     runs = _interleave(statics, tuner, lambda: _sleep_step(0.010), 1 if quick else 2, epochs=epochs)
     st = _statics_only(runs)
     best = best_static(st)
     ratio, v = verdict_ratio([r.rate for r in runs["tuner"]], st[best], 0.95)
-    start_ratio = min(r.rate for r in runs["tuner"]) / statistics.median(st["w=0"])
+    start_ratio = min(r.rate for r in runs["tuner"]) / statistics.median(st["w=2"])
     targets = [
         {"target": "tuner's whole job >= 95% of the best static", "measured": f"{ratio:.0%} of {best}", "verdict": v},
-        {"target": "never slower than its start (w=0)", "measured": f"slowest tuner run {start_ratio:.2f}x w=0", "verdict": at_least(start_ratio, 1.0)},
+        {"target": "never slower than its start (w=2 spawn)", "measured": f"slowest tuner run {start_ratio:.2f}x w=2", "verdict": at_least(start_ratio, 1.0)},
         count_target(runs, len(ds) * epochs),
     ]
-    return _result("spawn", runs, targets, [f"multiprocessing_context='spawn', {len(ds)} samples x {epochs} epochs, 4 ms wait + 0.3 ms CPU per sample, batch {bs}, 10 ms step; statics with and without persistent workers; tuner apply from w=0 (not persistent)"])
+    return _result("spawn", runs, targets, [f"multiprocessing_context='spawn', {len(ds)} samples x {epochs} epochs, 4 ms wait + 0.3 ms CPU per sample, batch {bs}, 10 ms step; statics with and without persistent workers; tuner apply from w=2 spawn (not persistent: from w=0 the loader could not carry the spawn context)"])
 
 
 # 6. never worse --------------------------------------------------------------------------------

@@ -52,17 +52,18 @@ def test_jpeg_zero_worker_rule():
 def test_true_rates_cover_the_spans_the_summary_counts():
     res = JobResult("tuner")
     res.iter0_s = 0.5  # tune()'s set-up before the first iter() is not the loop's
-    res.batch_done_s = [1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0]
-    res.batch_samples = [10] * 7
-    # Changed at step 3; the first window after it counted batches 4-6 (warm-up: batch 3).
-    res.events = [{"kind": "change", "step": 3}, {"kind": "window", "step": 7, "batches": 3}]
+    res.batch_done_s = [1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0]
+    res.batch_samples = [10] * 8
+    # Decided on batch 3 (step 4, its step carries the decision); the first window after it
+    # counted batches 5-7 (warm-up: batch 4).
+    res.events = [{"kind": "change", "step": 4}, {"kind": "window", "step": 8, "batches": 3}]
     first, last = true_rates(res)
     assert first == pytest.approx(20 / 2.0)  # batches 1-2: the first batch's one-off wait left out
-    assert last == pytest.approx(30 / 1.5)  # batches 4-6, from 3.5 s to 5.0 s
-    res.events = [{"kind": "change", "step": 3}, {"kind": "keep", "step": 4}]
+    assert last == pytest.approx(30 / 1.5)  # batches 5-7, from 4.5 s to 6.0 s
+    res.events = [{"kind": "change", "step": 4}, {"kind": "keep", "step": 5}]
     assert true_rates(res)[1] == pytest.approx(40 / 2.0)  # no window after: from the change
     res.events = []
-    assert true_rates(res) == (pytest.approx(60 / 4.0), pytest.approx(60 / 4.0))
+    assert true_rates(res) == (pytest.approx(70 / 5.0), pytest.approx(70 / 5.0))
 
 
 def test_datasets_make_what_the_loop_expects():
