@@ -15,6 +15,11 @@ persistent workers), ``neverworse`` (the starting configuration is already the b
 (tf.data AUTOTUNE peer rows when tensorflow is installed).
 
 Writes ``bench/REALJOBS.md`` and ``bench/realjobs.json``. The exit code is 0 even on a MISS.
+
+Default size: all workloads took ~9 min on 2 CPUs (2026-11-30, measured workload by workload
+on a quiet machine: jpeg 55 s, spawn 157 s, short 62 s, contention + fastloop + neverworse
+261 s; anchors skipped without tensorflow). A busy machine stretches the CPU-bound jobs (the
+JPEG job ran ~3x slower at load average 6); ``--quick`` is one round of smaller jobs.
 """
 
 from __future__ import annotations
