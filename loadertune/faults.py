@@ -28,6 +28,7 @@ __all__ = [
     "CrashTracker",
     "Death",
     "SampleCrashError",
+    "crash_error",
     "dead_worker_batches",
     "death_report",
     "narrow_crash",
@@ -249,3 +250,42 @@ def narrow_crash(
 def _discard(item: Any) -> None:
     """Collates nothing: narrowing only needs to know whether loading a sample kills its worker."""
     return None
+
+
+def crash_error(
+    dataset: Any,
+    samples: list[Any],
+    deaths: list[str],
+    *,
+    key: Any = None,
+    worker_init_fn: Any = None,
+    multiprocessing_context: Any = None,
+) -> SampleCrashError:
+    """The error for samples that killed two workers: narrowed to one sample where loading each
+    alone in a throwaway worker crashes it (none is ever loaded in the training process)."""
+    found = narrow_crash(
+        dataset,
+        samples,
+        key=key,
+        worker_init_fn=worker_init_fn,
+        multiprocessing_context=multiprocessing_context,
+    )
+    died = "; ".join(deaths)
+    shown = samples if len(samples) <= 16 else [*samples[:16], "..."]
+    if found is not None:
+        sample, report = found
+        message = (
+            f"sample {sample!r} kills the DataLoader worker that loads it: workers died twice on "
+            f"its batch {shown} ({died}), and loading it alone in a throwaway worker crashed "
+            f"that one too ({report}). loadertune does not load it in the training process, "
+            "where it would take the job down; fix or skip that sample"
+        )
+    else:
+        sample = None
+        message = (
+            f"the batch of samples {shown} kills the DataLoader worker that loads it: workers "
+            f"died twice on it ({died}); no sample crashed a throwaway worker on its own. "
+            "loadertune does not load them in the training process, where they would take the "
+            "job down; fix or skip those samples"
+        )
+    return SampleCrashError(message, list(samples), sample)

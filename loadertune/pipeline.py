@@ -13,7 +13,6 @@ batches it was handed, oldest first), and nothing else.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,9 +22,16 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
+from loadertune import shm
 from loadertune.config import LoaderConfig
 from loadertune.errors import ReconfigureError
-from loadertune.faults import CrashTracker, SampleCrashError, dead_worker_batches, death_report, narrow_crash
+from loadertune.faults import (
+    CrashTracker,
+    SampleCrashError,
+    crash_error,
+    dead_worker_batches,
+    death_report,
+)
 from loadertune.shutdown import shutdown_loader
 from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler, requeue_issued
 
@@ -38,13 +44,6 @@ StreamKind = Literal["iterable", "sampler", "batch_sampler", "samples"]
 
 _TORCH_WORKER_WARNING = "This DataLoader will create"
 
-#: Where DataLoader workers put the batches they hand to the training process.
-SHM_PATH = "/dev/shm"
-#: Share of /dev/shm the batches loadertune's loaders keep in flight may fill.
-SHM_MARGIN = 0.9
-#: Batches the training loop holds besides those in flight (the one it works on while the
-#: next is handed over).
-SHM_HELD_BATCHES = 1
 
 
 def stream_kind(loader: DataLoader) -> StreamKind:
@@ -127,7 +126,7 @@ class LoaderPipeline:
         self.resume_at: Any = None
         #: Bytes of one collated batch (set by the front end once measured): bounds /dev/shm use.
         self.batch_bytes: int | None = None
-        self.shm_path = SHM_PATH
+        self.shm_path = shm.SHM_PATH
         #: Samples dead workers were loading (a second death on one of them is deterministic).
         self.crashes = CrashTracker()
         # The batch last delivered when a cut-short loader was replaced (no progress since: stop).
@@ -385,48 +384,20 @@ class LoaderPipeline:
 
     # -- /dev/shm ----------------------------------------------------------------------------------
     def shm_room(self) -> tuple[int, int] | None:
-        """Batches that may be in flight in /dev/shm (workers x prefetch_factor), and its size.
-
-        The room is what is free plus what this pipeline's own batches take now (the batches in
-        flight and the one the loop holds, at most what is used), with a margin; the loop's
-        batch is kept out of it. None while the batch size in bytes is unknown or /dev/shm
-        cannot be read.
-        """
-        nbytes = self.batch_bytes
-        if not nbytes:
+        """Batches that may be in flight in /dev/shm, and its size (see :func:`loadertune.shm.room`);
+        None while the batch size in bytes is unknown or /dev/shm cannot be read."""
+        if not self.batch_bytes:
             return None
-        try:
-            st = os.statvfs(self.shm_path)
-        except OSError:
-            return None
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        ours = _own_shm_bytes(self.shm_path, self.worker_pids())
-        if ours is None:  # no /proc: at most what our loaders can hold
-            ours = (self._in_flight_batches() + SHM_HELD_BATCHES) * nbytes
-        capacity = free + min(max(0, total - free), ours)
-        return int(SHM_MARGIN * capacity // nbytes) - SHM_HELD_BATCHES, total
+        return shm.room(self.shm_path, self.batch_bytes, self.worker_pids(), self._in_flight_batches())
 
     def shm_fit(self, config: LoaderConfig, room: int | None = None) -> LoaderConfig:
-        """``config`` with its batches in flight cut to fit /dev/shm (see :meth:`shm_room`).
-
-        A smaller prefetch_factor goes first (workers are what a slow load needs), then fewer
-        workers; without room for one batch, loading moves into the training process.
-        """
-        w, p = config.num_workers, config.prefetch_factor or 0
-        if w == 0:
-            return config
+        """``config`` cut to fit /dev/shm (``room`` batches, else measured now)."""
         if room is None:
             measured = self.shm_room()
             if measured is None:
                 return config
             room = measured[0]
-        if w * p <= room:
-            return config
-        if room < 1:
-            return config.replace(num_workers=0)
-        if room >= w:
-            return config.replace(prefetch_factor=room // w)
-        return config.replace(num_workers=room, prefetch_factor=1)
+        return shm.fit(config, room)
 
     def _in_flight_batches(self) -> int:
         n = 0
@@ -455,32 +426,14 @@ class LoaderPipeline:
         self._stream = None
         del stream
         loader = self.loader
-        found = narrow_crash(
+        error = crash_error(
             self._dataset,
             samples,
+            self.crashes.deaths,
             key=self._key,
             worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context,
         )
-        deaths = "; ".join(self.crashes.deaths)
-        shown = samples if len(samples) <= 16 else [*samples[:16], "..."]
-        if found is not None:
-            sample, report = found
-            message = (
-                f"sample {sample!r} kills the DataLoader worker that loads it: workers died twice on "
-                f"its batch {shown} ({deaths}), and loading it alone in a throwaway worker crashed "
-                f"that one too ({report}). loadertune does not load it in the training process, "
-                "where it would take the job down; fix or skip that sample"
-            )
-        else:
-            sample = None
-            message = (
-                f"the batch of samples {shown} kills the DataLoader worker that loads it: workers "
-                f"died twice on it ({deaths}); no sample crashed a throwaway worker on its own. "
-                "loadertune does not load them in the training process, where they would take the "
-                "job down; fix or skip those samples"
-            )
-        error = SampleCrashError(message, list(samples), sample)
         self._it = self.src_it = _Failed(error)
         self.src_issued = None
         return error
@@ -601,39 +554,6 @@ def _shutdown(loader: DataLoader | None, it: Any) -> None:
 _NOTHING = object()
 
 
-def _own_shm_bytes(shm_path: str, worker_pids: list[int]) -> int | None:
-    """Bytes of ``shm_path`` this process and its workers hold now: the files they map or keep
-    open (a batch in transit is an open descriptor in its worker), each counted once."""
-    prefix = shm_path.rstrip("/") + "/"
-    sizes: dict[tuple[str, str], int] = {}
-    for pid in [os.getpid(), *worker_pids]:
-        try:
-            with open(f"/proc/{pid}/maps") as maps:
-                for line in maps:
-                    if prefix not in line:
-                        continue
-                    fields = line.split(None, 5)
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    key = (fields[3], fields[4])
-                    sizes[key] = max(sizes.get(key, 0), end - start)
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            if pid == os.getpid():
-                return None
-            continue  # a worker that just exited
-        for fd in fds:
-            path = f"/proc/{pid}/fd/{fd}"
-            try:
-                if not os.readlink(path).startswith(prefix):
-                    continue
-                st = os.stat(path)
-            except OSError:
-                continue
-            key = (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino))
-            sizes[key] = max(sizes.get(key, 0), st.st_size)
-    return sum(sizes.values())
-
-
 class _Failed:
     """Stands in for an iterator that could not be started: every ``next`` raises why.
 
@@ -710,10 +630,8 @@ def _abort_started(exc: BaseException) -> None:
     if getattr(it, "_worker_pids_set", False):
         from torch.utils.data import _utils
 
-        try:
+        with contextlib.suppress(Exception):  # already removed, or torch's internals moved
             _utils.signal_handling._remove_worker_pids(id(it))
-        except Exception:
-            pass
         it._worker_pids_set = False
     it._shutdown = True  # torch's __del__ must not run its shutdown on a half-built iterator
     done = getattr(it, "_workers_done_event", None)

@@ -17,6 +17,7 @@ iterators (the new loader's) stay registered, so their deaths are still reported
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -127,10 +128,8 @@ def _close_queues(it: Any) -> None:
             feeder.join(1.0)
             continue
         for end in ("_reader", "_writer"):  # no feeder thread: nothing else closes them
-            try:
+            with contextlib.suppress(Exception):  # already closed, or not a pipe end
                 getattr(q, end).close()
-            except Exception:
-                pass
     # Everything torch's _shutdown_workers does is done: a later call must not put into the
     # closed queues.
     it._shutdown = True

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import loadertune
 from loadertune.config import LoaderConfig
 from loadertune.controller import Decision, Recommendation
-from loadertune.pipeline import SHM_HELD_BATCHES, SHM_MARGIN, LoaderPipeline
+from loadertune.pipeline import LoaderPipeline
+from loadertune.shm import SHM_HELD_BATCHES, SHM_MARGIN
 from tests._factories import Indexed
 
 MIB = 2**20
