@@ -23,6 +23,7 @@ __all__ = [
     "Comparison",
     "Controller",
     "Decision",
+    "JobCosts",
     "Recommendation",
     "WorkerEstimate",
     "compare_windows",
@@ -692,10 +693,8 @@ class Controller:
         # the start-up every epoch pays while workers are not persistent.
         self.min_horizon_s = min_horizon_s
         self.allow_persistent = allow_persistent
-        self.stall_s: float | None = None
-        self.startup_s: float | None = None
-        self.epoch_s: float | None = None
-        self._first_s: float | None = None
+        #: What changes cost the job beyond the steady pace (rebuild stalls, worker start-up).
+        self.costs = JobCosts(min_horizon_s)
 
     @property
     def window_noise(self) -> float:
@@ -736,8 +735,7 @@ class Controller:
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
         rate = metrics.samples_per_s
-        if self._first_s is None:
-            self._first_s = now_s - metrics.duration_s
+        self.costs.started(now_s - metrics.duration_s)
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
         persist = self._persist()
         if persist is not None:
@@ -797,13 +795,13 @@ class Controller:
                 "change", rec.config, rec.reason, before_samples_per_s=rate, lr_factor=rec.lr_factor, recommendation=rec
             )
         potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
-        stall = self._expected_stall(rec.config)
+        stall = self.costs.expected_stall(self.config, rec.config)
         if stall > 0.0:
             # End to end: the gain over the horizon must pay for the stall twice (there and,
             # should it fail, back).
             gain = (rec.expected_speedup - 1.0) if rec.expected_speedup is not None else potential
             gain = min(gain, potential)
-            horizon = self._horizon(now_s)
+            horizon = self.costs.horizon(now_s)
             if gain * horizon < 2.0 * stall:
                 self._converge(metrics)
                 return Decision(
@@ -968,7 +966,7 @@ class Controller:
                 tie_band=self.tie_band,
                 between_var=self._between_var(trial.before, trial.after),
                 z=self.z,
-                revert_cost=self._revert_cost(trial.previous, now_s),
+                revert_cost=self.costs.revert_cost(self.config, trial.previous, now_s),
             )
         verdict = "keep" if cmp is None else cmp.verdict
         before, after = _mean_rate(trial.before), _mean_rate(trial.after)
@@ -1023,6 +1021,84 @@ class Controller:
         )
 
     def note_stall(self, stall_s: float) -> None:
+        """The loop's measured stall at the last rebuild (see :meth:`JobCosts.note_stall`)."""
+        self.costs.note_stall(stall_s)
+
+    def note_startup(self, startup_s: float | None, epoch_s: float | None) -> None:
+        """Worker start-up each epoch pays and an epoch's length (see :class:`JobCosts`)."""
+        self.costs.note_startup(startup_s, epoch_s)
+
+    def startup_share(self) -> float | None:
+        """Worker start-up as a share of an epoch with it (None while either is unknown)."""
+        return self.costs.startup_share()
+
+    def _persist(self) -> Decision | None:
+        """Persistent workers when worker start-up at every epoch costs the job real time."""
+        c = self.config
+        if not self.allow_persistent or c.num_workers == 0 or c.persistent_workers:
+            return None
+        costs = self.costs
+        share = costs.startup_share()
+        if share is None or (costs.startup_s or 0.0) < _STARTUP_MIN_S or share < _STARTUP_SHARE:
+            return None
+        new = c.replace(persistent_workers=True)
+        reason = (
+            f"workers take ~{costs.startup_s:.1f} s to start, {share:.0%} of every epoch; "
+            "persistent_workers=True starts them once"
+        )
+        rec = Recommendation(config=new, reason=reason, changes=c.diff(new), forced=True)
+        self.config = new
+        if self._trial is not None and self._trial.previous.num_workers > 0:
+            # A revert goes back to the old worker count, kept alive as well.
+            self._trial.previous = self._trial.previous.replace(persistent_workers=True)
+        return Decision("change", new, reason, recommendation=rec)
+
+    def _over_budget(self, metrics: WindowMetrics) -> bool:
+        est = estimate_workers(metrics, self.config, self.bounds)
+        return est is not None and est.ram_cap is not None and self.config.num_workers > est.ram_cap
+
+    def _converge(self, metrics: WindowMetrics, rate: float | None = None) -> None:
+        self.converged = True
+        self._reference_rate = rate if rate is not None else metrics.samples_per_s
+        self._reference_wait = metrics.wait_share
+        self._drift_windows = 0
+
+    def _drifted(self, metrics: WindowMetrics) -> bool:
+        ref = self._reference_rate
+        if ref is None:
+            self._reference_rate = metrics.samples_per_s
+            self._reference_wait = metrics.wait_share
+            return False
+        slower = metrics.samples_per_s < (1.0 - self.drift_share) * ref
+        waiting = metrics.wait_share >= 0.2 and metrics.wait_share > (self._reference_wait or 0.0) + self.drift_share
+        self._drift_windows = self._drift_windows + 1 if (slower or waiting) else 0
+        # Two windows in a row: one slow window (a checkpoint, a GC pause) is not drift.
+        return self._drift_windows >= 2
+
+class JobCosts:
+    """What configuration changes cost the job beyond its steady pace.
+
+    A rebuild stalls the loop while new workers start (and old ones stop); workers that are not
+    persistent start again at every epoch. The controller weighs a change's expected gain
+    against these, measured on this job.
+
+    Args:
+        min_horizon_s: Least time a change is expected to run for, to pay back its stall.
+    """
+
+    def __init__(self, min_horizon_s: float) -> None:
+        self.min_horizon_s = min_horizon_s
+        self.stall_s: float | None = None
+        self.startup_s: float | None = None
+        self.epoch_s: float | None = None
+        self.first_s: float | None = None
+
+    def started(self, start_s: float) -> None:
+        """The run's first measured moment (the horizon grows with the run's age)."""
+        if self.first_s is None:
+            self.first_s = start_s
+
+    def note_stall(self, stall_s: float) -> None:
         """The loop's measured stall at the last rebuild beyond its steady pace: the time the
         job lost to it (new workers starting, old ones stopping, less what the new workers'
         prefetched backlog gave back). Later changes are judged against it."""
@@ -1048,63 +1124,22 @@ class Controller:
             return None
         return self.startup_s / (self.startup_s + self.epoch_s)
 
-    def _persist(self) -> Decision | None:
-        """Persistent workers when worker start-up at every epoch costs the job real time."""
-        c = self.config
-        if not self.allow_persistent or c.num_workers == 0 or c.persistent_workers:
-            return None
-        share = self.startup_share()
-        if share is None or (self.startup_s or 0.0) < _STARTUP_MIN_S or share < _STARTUP_SHARE:
-            return None
-        new = c.replace(persistent_workers=True)
-        reason = (
-            f"workers take ~{self.startup_s:.1f} s to start, {share:.0%} of every epoch; "
-            "persistent_workers=True starts them once"
-        )
-        rec = Recommendation(config=new, reason=reason, changes=c.diff(new), forced=True)
-        self.config = new
-        if self._trial is not None and self._trial.previous.num_workers > 0:
-            # A revert goes back to the old worker count, kept alive as well.
-            self._trial.previous = self._trial.previous.replace(persistent_workers=True)
-        return Decision("change", new, reason, recommendation=rec)
-
-    def _horizon(self, now_s: float) -> float:
-        age = now_s - self._first_s if self._first_s is not None else 0.0
+    def horizon(self, now_s: float) -> float:
+        """How long a change is expected to run: the run's age, at least the minimum horizon."""
+        age = now_s - self.first_s if self.first_s is not None else 0.0
         return max(self.min_horizon_s, age)
 
-    def _expected_stall(self, new: LoaderConfig) -> float:
-        """The stall a rebuild to ``new`` is expected to cost (0 when none was measured)."""
+    def expected_stall(self, c: LoaderConfig, new: LoaderConfig) -> float:
+        """The stall a rebuild from ``c`` to ``new`` is expected to cost (0 when none was measured)."""
         if self.stall_s is None:
             return 0.0
-        c = self.config
         if (new.num_workers, new.batch_size) == (c.num_workers, c.batch_size) and (
             new.persistent_workers or not c.persistent_workers
         ):
             return 0.0  # prefetch, pinning or persistence: no new workers to start
         return self.stall_s
 
-    def _revert_cost(self, previous: LoaderConfig, now_s: float) -> float:
-        stall = self._expected_stall(previous)
-        return stall / self._horizon(now_s) if stall else 0.0
-
-    def _over_budget(self, metrics: WindowMetrics) -> bool:
-        est = estimate_workers(metrics, self.config, self.bounds)
-        return est is not None and est.ram_cap is not None and self.config.num_workers > est.ram_cap
-
-    def _converge(self, metrics: WindowMetrics, rate: float | None = None) -> None:
-        self.converged = True
-        self._reference_rate = rate if rate is not None else metrics.samples_per_s
-        self._reference_wait = metrics.wait_share
-        self._drift_windows = 0
-
-    def _drifted(self, metrics: WindowMetrics) -> bool:
-        ref = self._reference_rate
-        if ref is None:
-            self._reference_rate = metrics.samples_per_s
-            self._reference_wait = metrics.wait_share
-            return False
-        slower = metrics.samples_per_s < (1.0 - self.drift_share) * ref
-        waiting = metrics.wait_share >= 0.2 and metrics.wait_share > (self._reference_wait or 0.0) + self.drift_share
-        self._drift_windows = self._drift_windows + 1 if (slower or waiting) else 0
-        # Two windows in a row: one slow window (a checkpoint, a GC pause) is not drift.
-        return self._drift_windows >= 2
+    def revert_cost(self, current: LoaderConfig, previous: LoaderConfig, now_s: float) -> float:
+        """Going back to ``previous``, as a share of throughput over the horizon."""
+        stall = self.expected_stall(current, previous)
+        return stall / self.horizon(now_s) if stall else 0.0

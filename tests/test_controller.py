@@ -456,9 +456,9 @@ def test_note_stall_keeps_the_largest_and_forgets_slowly():
     c = _controller()
     c.note_stall(10.0)
     c.note_stall(0.5)
-    assert c.stall_s == pytest.approx(8.1)
+    assert c.costs.stall_s == pytest.approx(8.1)
     c.note_stall(float("nan"))
-    assert c.stall_s == pytest.approx(8.1)
+    assert c.costs.stall_s == pytest.approx(8.1)
 
 
 def conv_net_with_jpeg_decode_at_zero(**kw):
