@@ -27,12 +27,13 @@ from loadertune.config import LoaderConfig
 from loadertune.controller import Controller, Decision, Recommendation
 from loadertune.diagnosis import Diagnosis, Environment, diagnose
 from loadertune.events import Event, EventLog
+from loadertune.ledger import CostMeter, RunRates, Warmup
 from loadertune.metrics import WindowMetrics, compute_metrics
 from loadertune.options import TuneOptions, resolve_lr
 from loadertune.resources import node_bounds, resolve_gpu
 from loadertune.sampler import Sampler
 from loadertune.schedule import WindowSchedule
-from loadertune.timer import LoopTimer, LoopWindow
+from loadertune.timer import LoopTimer
 
 __all__ = ["TuningSession", "batch_nbytes", "close_at_exit", "model_environment"]
 
@@ -114,19 +115,13 @@ class TuningSession:
         self._advice_logged: set[str] = set()
         # Rates of the whole run, from the loop's own timings: the first configuration's and the
         # one in use since the last change (every window and the partial one at the end count).
-        self._first = _Tally()
-        self._since_change = _Tally()
-        self._changes = 0
+        self.rates = RunRates()
         self._start_s = time.perf_counter()
         # End-to-end costs (issue 13): when the last decision was taken (a rebuild's stall runs
         # from there), the warm-up after a rebuild, epochs' lengths, workers' start-up per epoch.
         self._decided: tuple[float, int] | None = None
-        self._warm: _Warmup | None = None
-        self._epoch_step: int | None = None
-        self._epoch_s: float | None = None
-        self._epoch_batches: int | None = None
-        self._startup: dict[tuple[int, bool], float] = {}
-        self.last_stall_s: float | None = None
+        self._warm: Warmup | None = None
+        self.costs = CostMeter(self.controller)
         self.sampler.start()
         extra = {"integration": integration} if integration else {}
         if name:
@@ -194,9 +189,7 @@ class TuningSession:
         """Marks the next batch as an epoch's first; opens the first window if none is open."""
         self.timer.epoch_started()
         now = now_s if now_s is not None else time.perf_counter()
-        if self._epoch_step is not None and step > self._epoch_step:
-            self._epoch_batches = step - self._epoch_step
-        self._epoch_step, self._epoch_s = step, now
+        self.costs.epoch_started(now, step)
         if not self.schedule.started:
             self.schedule.open(now, step)
 
@@ -218,13 +211,13 @@ class TuningSession:
             collective: The change was decided by every rank together (a fault is one rank's
                 alone and must not move the window every rank closes together).
         """
-        self._tally_partial()
+        self.rates.add(self.timer.take())
         now = time.perf_counter()
         decided, self._decided = self._decided, None
         # The stall runs from the decision when the rebuild follows it at once (tune()): the
         # old loader's shutdown and the new one's start happen in between.
         t0 = decided[0] if decided is not None and decided[1] == step else now
-        self._warm = _Warmup(t0, warmup_batches, step)
+        self._warm = Warmup(t0, warmup_batches, step)
         self.timer.discard(warmup_batches)
         if self.collective is None:
             self.schedule.open(now, step, warmup_batches)
@@ -276,14 +269,15 @@ class TuningSession:
             # Identical metrics on every rank give every rank the same next window.
             self.schedule.set_rate(metrics.batches_per_s)
         self.schedule.open(now_s, step)
-        self._tally(loop)
+        self.rates.add(loop)
         if batch is not None:
             self.note_batch(batch)
         if metrics.batches < 2:  # the reduced count: every rank takes the same branch
             return None
         diagnosis = diagnose(metrics, config, self.environment)
         self.metrics, self.diagnosis = metrics, diagnosis
-        costs = self._costs(loop, metrics, config, now_s, step)
+        warm, self._warm = self._warm, None
+        costs = self.costs.measure(warm, loop, metrics, config, now_s)
         self.events_log.emit(
             "window",
             step,
@@ -299,7 +293,7 @@ class TuningSession:
             return None
         if not decide:
             return None
-        decision = self.controller.decide(self._job_metrics(metrics, config), diagnosis, now_s)
+        decision = self.controller.decide(self.costs.job_metrics(metrics, config), diagnosis, now_s)
         if collective is not None:
             # Rank 0's decision is everyone's: cooldowns and bounds may differ per rank.
             decision = collective.broadcast(decision, step=step)
@@ -363,8 +357,7 @@ class TuningSession:
         **measured: Any,
     ) -> None:
         """Logs and records a configuration change the front end made (or will make ``when``)."""
-        self._changes += 1
-        self._since_change = _Tally()
+        self.rates.changed()
         warm = self._warm
         if warm is not None and warm.step == step and not warm.extended:
             warm.extended = True
@@ -397,8 +390,7 @@ class TuningSession:
 
     def fault(self, error: BaseException | str, before: LoaderConfig, after: LoaderConfig, *, step: int, epoch: int, **extra: Any) -> None:
         """Records a fault recovered from (a dead worker, /dev/shm exhausted...)."""
-        self._changes += 1
-        self._since_change = _Tally()
+        self.rates.changed()
         self.events_log.emit(
             "fault", step, epoch, error=str(error), before=before.to_dict(), after=after.to_dict(), **extra
         )
@@ -406,11 +398,11 @@ class TuningSession:
     # -- the end -------------------------------------------------------------------------------------
     def summary(self, *, step: int, epochs: int, config: LoaderConfig) -> dict[str, Any]:
         """The run in one line and its figures: what changed and the rates before and after."""
-        self._tally_partial()
-        first = self._first.rate()
-        last = self._since_change.rate() if self._changes else self._first.rate()
-        if self._changes:
-            what = f"{self._initial.describe()} -> {config.describe()} in {self._changes} change(s)"
+        self.rates.add(self.timer.take())
+        rates = self.rates
+        first, last = rates.first_rate(), rates.last_rate()
+        if rates.changes:
+            what = f"{self._initial.describe()} -> {config.describe()} in {rates.changes} change(s)"
             if first and last:
                 # Steady rates: the loop's pace at the first and the final configuration, the
                 # warm-up (and stall) after each change left out. The job's wall-clock rate is
@@ -430,7 +422,7 @@ class TuningSession:
             "final_config": config.to_dict(),
             "first_samples_per_s": first,
             "last_samples_per_s": last,
-            "changes": self._changes,
+            "changes": self.rates.changes,
         }
 
     def close(self, *, step: int, epoch: int, epochs: int, config: LoaderConfig, **extra: Any) -> dict[str, Any]:
@@ -454,99 +446,6 @@ class TuningSession:
     # -- helpers -------------------------------------------------------------------------------------
     def _prefix(self) -> str:
         return f"{self.name}: " if self.name else ""
-
-    def _tally(self, loop: LoopWindow) -> None:
-        # A window that opened fresh has no gap before its first batch: count it at the mean gap.
-        compute = loop.compute_s * loop.batches / loop.gaps if loop.gaps else loop.compute_s
-        busy = loop.wait_s + compute
-        for tally in ((self._first,) if not self._changes else ()) + (self._since_change,):
-            tally.add(loop.samples, busy)
-
-    def _costs(self, loop: LoopWindow, metrics: WindowMetrics, config: LoaderConfig, now_s: float, step: int) -> dict[str, Any]:
-        """What the job paid beyond the steady pace, told to the controller: the stall of the
-        last rebuild (measured on the first window after its warm-up) and the workers' start-up
-        each epoch pays while they are not persistent."""
-        out: dict[str, Any] = {}
-        key = (config.num_workers, config.persistent_workers)
-        warm, self._warm = self._warm, None
-        if warm is not None and metrics.batches_per_s > 0 and loop.start_s >= warm.t0:
-            # From the decision to this window's first batch, less what the warm-up batches
-            # (and the deciding batch's step) take at the pace measured now.
-            stall = max(0.0, loop.start_s - warm.t0 - (warm.batches + 1) / metrics.batches_per_s)
-            self.last_stall_s = stall
-            out["stall_s"] = round(stall, 4)
-            if warm.new_workers:
-                self.controller.note_stall(stall)
-                if config.num_workers > 0 and not config.persistent_workers:
-                    # Every epoch starts these workers again.
-                    self._startup[key] = stall
-        if metrics.epoch_start_wait_s is not None and config.num_workers > 0:
-            self._startup[key] = max(0.0, metrics.epoch_start_wait_s - metrics.wait_s_per_batch)
-        startup = self._startup.get(key) if config.num_workers > 0 and not config.persistent_workers else None
-        epoch_s = None
-        if metrics.batches_per_s > 0:
-            if self._epoch_batches:
-                epoch_s = self._epoch_batches / metrics.batches_per_s
-            elif startup is not None and startup >= _LONG_STARTUP_S and self._epoch_s is not None:
-                # The first epoch is at least as long as it has run; a slow start-up (spawn,
-                # forkserver) is worth judging on that bound rather than waiting an epoch.
-                epoch_s = max(now_s - self._epoch_s, 1e-3)
-        if startup is not None:
-            out["startup_s"] = round(startup, 4)
-        if epoch_s is not None:
-            out["epoch_s"] = round(epoch_s, 3)
-        self.controller.note_startup(startup, epoch_s)
-        return out
-
-    def _job_metrics(self, metrics: WindowMetrics, config: LoaderConfig) -> WindowMetrics:
-        """The window's rates as the job pays them: workers that start again at every epoch
-        cost their start-up once per epoch (the steady rate leaves it out)."""
-        if config.num_workers == 0 or config.persistent_workers:
-            return metrics
-        share = self.controller.startup_share()
-        if share is None or share <= 0.0:
-            return metrics
-        f = 1.0 - share
-        return dataclasses.replace(metrics, samples_per_s=metrics.samples_per_s * f, batches_per_s=metrics.batches_per_s * f)
-
-    def _tally_partial(self) -> None:
-        # What the loop did since the last window closed counts too: short runs may close none.
-        self._tally(self.timer.take())
-
-
-#: Worker start-up (seconds) slow enough to be judged before the first epoch has ended.
-_LONG_STARTUP_S = 1.0
-
-
-class _Warmup:
-    """The warm-up after a rebuild: from when (the decision), how many batches, at which step."""
-
-    __slots__ = ("batches", "extended", "new_workers", "reopened", "step", "t0")
-
-    def __init__(self, t0: float, batches: int, step: int) -> None:
-        self.t0 = t0
-        self.batches = batches
-        self.step = step
-        self.reopened = False
-        self.extended = False
-        self.new_workers = True
-
-
-class _Tally:
-    """Samples and loop seconds summed over windows, for a run's rates."""
-
-    __slots__ = ("samples", "seconds")
-
-    def __init__(self) -> None:
-        self.samples = 0
-        self.seconds = 0.0
-
-    def add(self, samples: int, seconds: float) -> None:
-        self.samples += samples
-        self.seconds += seconds
-
-    def rate(self) -> float | None:
-        return self.samples / self.seconds if self.seconds > 0 and self.samples else None
 
 
 def model_environment(model: Any, gpu: Any = None) -> Environment:
