@@ -25,6 +25,7 @@ __all__ = [
     "Decision",
     "JobCosts",
     "Recommendation",
+    "WindowNoise",
     "WorkerEstimate",
     "compare_windows",
     "default_max_workers",
@@ -675,8 +676,7 @@ class Controller:
         self._history: list[_Sample] = []
         # Pooled spread between windows at one configuration, beyond their own noise: a prior
         # worth _PRIOR_DOF windows, then what the run shows.
-        self._spread_ss = _PRIOR_DOF * window_noise**2
-        self._spread_dof = float(_PRIOR_DOF)
+        self.noise = WindowNoise(window_noise)
         self._reference_rate: float | None = None
         self._reference_wait: float | None = None
         self._last_change_s = -math.inf
@@ -699,21 +699,7 @@ class Controller:
     @property
     def window_noise(self) -> float:
         """The relative spread between windows at one configuration, as measured so far."""
-        return math.sqrt(self._between_var())
-
-    def _between_var(self, *open_groups: list[_Sample]) -> float:
-        """Pooled spread between windows, counting groups still being measured as well."""
-        ss, dof = self._spread_ss, self._spread_dof
-        for group in open_groups:
-            g_ss, g_dof = _spread(group)
-            ss, dof = ss + g_ss, dof + g_dof
-        return max(0.0, ss / dof)
-
-    def _learn_spread(self, samples: list[_Sample]) -> None:
-        """Adds one configuration's windows to the pooled between-window spread."""
-        ss, dof = _spread(samples)
-        self._spread_ss += ss
-        self._spread_dof += dof
+        return math.sqrt(self.noise.variance())
 
     def _remember(self, metrics: WindowMetrics) -> None:
         sample = _sample(metrics)
@@ -722,15 +708,8 @@ class Controller:
             del self._history[: -self.max_windows]
 
     def _close_history(self) -> None:
-        self._learn_spread(self._history)
+        self.noise.learn(self._history)
         self._history = []
-
-    def _side_stderr(self, samples: list[_Sample]) -> float:
-        k = len(samples)
-        if not k:
-            return math.inf
-        between = self._between_var(samples)
-        return math.sqrt(sum(x.rel_var + between for x in samples)) / k
 
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
@@ -811,7 +790,7 @@ class Controller:
                     f"more than ~{max(gain, 0):.0%} over the next ~{horizon:.0f} s would pay back",
                     before_samples_per_s=rate,
                 )
-        se = self._side_stderr(self._history)
+        se = self.noise.stderr(self._history)
         needed_se = self.tie_band / (2.0 * self.z)
         if potential < _OBVIOUS_GAIN and se > needed_se and len(self._history) < self.max_windows:
             return Decision(
@@ -889,8 +868,8 @@ class Controller:
             "converged": self.converged and self._trial is None,
             "reference_rate": self._reference_rate,
             "reference_wait": self._reference_wait,
-            "spread_ss": self._spread_ss,
-            "spread_dof": self._spread_dof,
+            "spread_ss": self.noise.ss,
+            "spread_dof": self.noise.dof,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -914,7 +893,7 @@ class Controller:
         self.known_load_s = values["known_load_s"]
         self.converged = bool(values["converged"])
         self._reference_rate, self._reference_wait = reference
-        self._spread_ss, self._spread_dof = spread
+        self.noise.ss, self.noise.dof = spread
         self._drift_windows = 0
 
     def note_batch_bytes(self, batch_bytes: int) -> None:
@@ -964,7 +943,7 @@ class Controller:
                 trial.after,
                 cheaper=trial.cheaper,
                 tie_band=self.tie_band,
-                between_var=self._between_var(trial.before, trial.after),
+                between_var=self.noise.variance(trial.before, trial.after),
                 z=self.z,
                 revert_cost=self.costs.revert_cost(self.config, trial.previous, now_s),
             )
@@ -991,7 +970,7 @@ class Controller:
                 f"windows, bar {cmp.bar:+.0%})"
             )
         if verdict == "keep":
-            self._learn_spread(trial.before)
+            self.noise.learn(trial.before)
             self._history = list(trial.after)
             return Decision(
                 "keep",
@@ -1000,7 +979,7 @@ class Controller:
                 before_samples_per_s=before,
                 after_samples_per_s=after,
             )
-        self._learn_spread(trial.after)
+        self.noise.learn(trial.after)
         if "num_workers" in changes and not trial.cheaper:
             self.ceiling_workers = changes["num_workers"][1]
         if "batch_size" in changes:
@@ -1143,3 +1122,42 @@ class JobCosts:
         """Going back to ``previous``, as a share of throughput over the horizon."""
         stall = self.expected_stall(current, previous)
         return stall / self.horizon(now_s) if stall else 0.0
+
+
+class WindowNoise:
+    """How much windows at one configuration differ, pooled over the run.
+
+    A window's own standard error misses what moves between windows (other jobs, caches,
+    data order); the relative spread between windows of one configuration, pooled over every
+    configuration measured, adds it. It starts from a prior (a few degrees of freedom at
+    ``prior``) so the first trials are not judged on no spread at all.
+
+    Args:
+        prior: The relative spread assumed before any is measured (e.g. 0.02).
+    """
+
+    def __init__(self, prior: float) -> None:
+        self.ss = _PRIOR_DOF * prior**2
+        self.dof = float(_PRIOR_DOF)
+
+    def variance(self, *open_groups: list[_Sample]) -> float:
+        """Pooled relative variance between windows, counting groups still being measured."""
+        ss, dof = self.ss, self.dof
+        for group in open_groups:
+            g_ss, g_dof = _spread(group)
+            ss, dof = ss + g_ss, dof + g_dof
+        return max(0.0, ss / dof)
+
+    def learn(self, samples: list[_Sample]) -> None:
+        """Adds one configuration's windows to the pool."""
+        ss, dof = _spread(samples)
+        self.ss += ss
+        self.dof += dof
+
+    def stderr(self, samples: list[_Sample]) -> float:
+        """Relative standard error of the mean rate of ``samples`` (inf without any)."""
+        k = len(samples)
+        if not k:
+            return math.inf
+        between = self.variance(samples)
+        return math.sqrt(sum(x.rel_var + between for x in samples)) / k

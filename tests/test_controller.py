@@ -514,3 +514,18 @@ def test_short_epochs_switch_to_persistent_workers_on_a_short_start_up():
     quiet = _controller(cfg)
     quiet.note_startup(0.01, 0.25)
     assert quiet.decide(m, diagnose(m, cfg), now_s=1.0).action != "change" or not quiet.config.persistent_workers
+
+
+def test_window_noise_starts_at_its_prior_and_learns_the_spread_between_windows():
+    from loadertune.controller import WindowNoise, _sample
+
+    noise = WindowNoise(0.02)
+    assert noise.variance() == pytest.approx(0.02**2)
+    assert noise.stderr([]) == math.inf
+    # Windows of one configuration 10% apart, each with no noise of its own: the pooled spread
+    # rises well above the 2% prior.
+    windows = [_sample(metrics(samples_per_s=r, rate_rel_stderr=0.0)) for r in (1000.0, 1100.0, 1000.0, 1100.0)]
+    noise.learn(windows)
+    assert math.sqrt(noise.variance()) > 0.03
+    one = noise.stderr(windows[:1])
+    assert noise.stderr(windows) < one  # more windows, a tighter mean
