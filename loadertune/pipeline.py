@@ -479,24 +479,7 @@ class LoaderPipeline:
         return loader
 
     def _new_loader(self, stream: EpochStream | None, c: LoaderConfig) -> DataLoader:
-        loader = self.loader
-        kwargs: dict[str, Any] = {
-            "num_workers": c.num_workers,
-            "pin_memory": c.pin_memory,
-            "collate_fn": loader.collate_fn,
-            "timeout": loader.timeout,
-            "worker_init_fn": self.worker_init_fn,
-            "generator": self._generator,
-        }
-        if loader.pin_memory_device:
-            kwargs["pin_memory_device"] = loader.pin_memory_device
-        if c.num_workers > 0:
-            kwargs["prefetch_factor"] = c.prefetch_factor
-            kwargs["persistent_workers"] = c.persistent_workers
-            # torch refuses a multiprocessing context without workers.
-            kwargs["multiprocessing_context"] = loader.multiprocessing_context
-            if getattr(loader, "in_order", True) is False:
-                kwargs["in_order"] = False
+        kwargs = carried_options(self.loader, c, worker_init_fn=self.worker_init_fn, generator=self._generator)
         if stream is None:  # IterableDataset: its own order; changes take effect per epoch
             return DataLoader(self._dataset, batch_size=c.batch_size, drop_last=self.drop_last, **kwargs)
         if self.kind == "sampler":
@@ -657,3 +640,27 @@ def _abort_started(exc: BaseException) -> None:
             q.close()
         except (AttributeError, OSError, ValueError):
             pass
+
+
+def carried_options(loader: DataLoader, c: LoaderConfig, *, worker_init_fn: Any, generator: Any) -> dict[str, Any]:
+    """The keyword arguments of a DataLoader at ``c`` that keeps every other option of
+    ``loader`` (collate_fn, timeout, pinning device, multiprocessing context, in_order), valid
+    for torch whatever ``c`` is: the options that need workers are passed only with workers."""
+    kwargs: dict[str, Any] = {
+        "num_workers": c.num_workers,
+        "pin_memory": c.pin_memory,
+        "collate_fn": loader.collate_fn,
+        "timeout": loader.timeout,
+        "worker_init_fn": worker_init_fn,
+        "generator": generator,
+    }
+    if loader.pin_memory_device:
+        kwargs["pin_memory_device"] = loader.pin_memory_device
+    if c.num_workers > 0:
+        kwargs["prefetch_factor"] = c.prefetch_factor
+        kwargs["persistent_workers"] = c.persistent_workers
+        # torch refuses a multiprocessing context without workers.
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+        if getattr(loader, "in_order", True) is False:
+            kwargs["in_order"] = False
+    return kwargs
