@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
+import loadertune
 from loadertune.metrics import WindowMetrics
 
 GIB = 2**30
@@ -53,3 +54,36 @@ class Indexed(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return i
+
+
+class NoShard(IterableDataset):
+    """Ignores get_worker_info(): correct at num_workers=0, every item once per worker beyond."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+def quiet(loader, **kw):
+    """tune() without host sampling and with windows that never close on their own."""
+    kw.setdefault("host", None)
+    kw.setdefault("gpu", None)
+    kw.setdefault("window_s", 3600.0)
+    return loadertune.tune(loader, **kw)
+
+
+def flat(batches) -> list[int]:
+    """The sample indices of ``batches``, in order."""
+    return [int(i) for b in batches for i in b]
+
+
+def rest(it) -> list[int]:
+    """The rest of the epoch through ``next`` (``iter()`` on a TunedLoader starts a new one)."""
+    out: list[int] = []
+    while True:
+        try:
+            out.extend(int(i) for i in next(it))
+        except StopIteration:
+            return out

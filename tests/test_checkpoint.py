@@ -23,13 +23,12 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     DistributedSampler,
-    IterableDataset,
     RandomSampler,
 )
 
-import loadertune
 from loadertune.checkpoint import FORMAT, VERSION
-from tests._factories import Indexed
+from tests._factories import Indexed, quiet
+from tests._factories import NoShard as Stream
 
 SCRIPT = Path(__file__).parent / "fixtures" / "checkpoint" / "resume.py"
 
@@ -39,21 +38,6 @@ class Noisy(Indexed):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.tensor([float(i)]) + torch.rand(1)
-
-
-class Stream(IterableDataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __iter__(self):
-        return iter(range(self.n))
-
-
-def quiet(loader, **kw):
-    kw.setdefault("host", None)
-    kw.setdefault("gpu", None)
-    kw.setdefault("window_s", 3600.0)
-    return loadertune.tune(loader, **kw)
 
 
 def shuffled(n=61, bs=5, workers=0, seed=3, **kw):

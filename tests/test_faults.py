@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import loadertune
 from loadertune.faults import CrashTracker, SampleCrashError, dead_worker_batches, worker_death
+from tests._factories import flat, quiet
 
 
 class Segfaults(Dataset):
@@ -69,17 +69,6 @@ class ShmFullOnce(Dataset):
                 "unable to allocate shared memory(shm) for file </torch_123_456_0>: No space left on device (28)"
             )
         return i
-
-
-def quiet(loader, **kw):
-    kw.setdefault("host", None)
-    kw.setdefault("gpu", None)
-    kw.setdefault("window_s", 3600.0)
-    return loadertune.tune(loader, **kw)
-
-
-def flat(batches):
-    return [int(i) for b in batches for i in b]
 
 
 # -- a sample that kills its worker ----------------------------------------------------------------

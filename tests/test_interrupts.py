@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing.process
+import contextlib
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ import loadertune
 import loadertune.shutdown as shutdown_module
 from loadertune.pipeline import LoaderPipeline
 from loadertune.stream import EpochStream
+from tests._factories import flat as _flat
+from tests._factories import rest as _rest
 
 N = 64
 
@@ -66,10 +69,8 @@ def _shm() -> set[str]:
 def _fds() -> dict[str, str]:
     out = {}
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone already
             out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
     return out
 
 
@@ -191,19 +192,6 @@ def _patch_points(monkeypatch, point: str, once: _Once) -> None:
         monkeypatch.setattr(EpochStream, "requeue", requeue)
     else:
         raise AssertionError(point)
-
-
-def _flat(batches):
-    return [int(i) for b in batches for i in b]
-
-
-def _rest(it):
-    out = []
-    while True:
-        try:
-            out.extend(int(i) for i in next(it))
-        except StopIteration:
-            return out
 
 
 # (point, the change that runs into it): a worker-count change hands over (the old loader

@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-import loadertune
 from loadertune.config import LoaderConfig
 from loadertune.controller import Decision, Recommendation
 from loadertune.pipeline import LoaderPipeline
 from loadertune.shm import SHM_HELD_BATCHES, SHM_MARGIN
-from tests._factories import Indexed
+from tests._factories import Indexed, NoShard, flat, quiet, rest
 
 MIB = 2**20
 
@@ -34,37 +33,6 @@ def _resource_tracker():
 
     resource_tracker.ensure_running()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class NoShard(IterableDataset):
-    """Ignores get_worker_info(): correct at num_workers=0, every item once per worker beyond."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __iter__(self):
-        return iter(range(self.n))
-
-
-def quiet(loader, **kw):
-    kw.setdefault("host", None)
-    kw.setdefault("gpu", None)
-    kw.setdefault("window_s", 3600.0)
-    return loadertune.tune(loader, **kw)
-
-
-def flat(batches):
-    return [int(i) for b in batches for i in b]
-
-
-def rest(it):
-    """The rest of the epoch through ``next`` (``iter()`` on a TunedLoader starts a new one)."""
-    out = []
-    while True:
-        try:
-            out.extend(int(i) for i in next(it))
-        except StopIteration:
-            return out
 
 
 # -- /dev/shm: the arithmetic ----------------------------------------------------------------------

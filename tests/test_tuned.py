@@ -22,7 +22,7 @@ from torch.utils.data import (
 import loadertune
 from loadertune.errors import ReconfigureError
 from loadertune.sim import SimulatedGpu
-from tests._factories import Indexed
+from tests._factories import Indexed, flat, quiet
 
 
 class Boom(Exception):
@@ -58,18 +58,6 @@ class Stream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         start, step = (0, 1) if info is None else (info.id, info.num_workers)
         return iter(range(start, self.n, step))
-
-
-def quiet(loader, **kw):
-    """tune() without host sampling and with windows that never close on their own."""
-    kw.setdefault("host", None)
-    kw.setdefault("gpu", None)
-    kw.setdefault("window_s", 3600.0)
-    return loadertune.tune(loader, **kw)
-
-
-def flat(batches):
-    return [int(i) for b in batches for i in b]
 
 
 # -- drop-in ---------------------------------------------------------------------------------------
