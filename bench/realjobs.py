@@ -51,10 +51,10 @@ from torch.utils.data import DataLoader, Dataset
 import loadertune
 
 __all__ = [
+    "WORKLOADS",
     "JobResult",
     "LatencyCpuDataset",
     "SmallJpegDataset",
-    "WORKLOADS",
     "at_least",
     "main",
     "run_job",
@@ -597,10 +597,7 @@ def wl_short(quick: bool) -> dict[str, Any]:
     measured = []
     for row in rows:
         for a, b in (("summary_first", "loop_first"), ("summary_last", "loop_last")):
-            if row[a] is None or row[b] is None:
-                ok = False
-            else:
-                ok = within(row[a], row[b], 0.20)
+            ok = row[a] is not None and row[b] is not None and within(row[a], row[b], 0.20)
             ok_all &= ok
         measured.append(
             f"r{row['round']}: first {_n(row['summary_first'])} vs {_n(row['loop_first'])}, last {_n(row['summary_last'])} vs {_n(row['loop_last'])}"
@@ -783,7 +780,7 @@ def render(results: dict[str, Any]) -> str:
                 if ch:
                     decisions.append(f"- {label} run {i + 1}: " + "; ".join(f"{e['kind']}@{e['step']} {e.get('after', e.get('config', ''))}" for e in ch[:12]))
         if decisions:
-            lines += ["", "Tuner decisions (step numbers):", ""] + decisions
+            lines += ["", "Tuner decisions (step numbers):", "", *decisions]
     lines.append("")
     return "\n".join(lines)
 

@@ -9,9 +9,9 @@ rebuild, goes on exactly-once; a new ``iter()`` is always a clean, complete epoc
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing.process
-import contextlib
 import os
 import threading
 import time
