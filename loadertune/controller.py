@@ -25,6 +25,7 @@ __all__ = [
     "Decision",
     "JobCosts",
     "Recommendation",
+    "StableAdvice",
     "WindowNoise",
     "WorkerEstimate",
     "compare_windows",
@@ -677,14 +678,13 @@ class Controller:
         # Pooled spread between windows at one configuration, beyond their own noise: a prior
         # worth _PRIOR_DOF windows, then what the run shows.
         self.noise = WindowNoise(window_noise)
+        # Recommend mode's advice, held until it really changes.
+        self._advice = StableAdvice()
         self._reference_rate: float | None = None
         self._reference_wait: float | None = None
         self._last_change_s = -math.inf
         self._drift_windows = 0
         self.known_load_s: float | None = None
-        self._advice: Recommendation | None = None
-        self._advice_config: LoaderConfig | None = None
-        self._pending: Recommendation | None = None
         #: What one worker could grow to while the workers' memory has not settled (set by the
         #: actuator's memory check; None once settled or without a RAM budget).
         self.unmeasured_worker_bytes: int | None = None
@@ -836,22 +836,7 @@ class Controller:
             lr_exponent=self.lr_exponent,
             known_load_s=self.known_load_s,
         )
-        if self._advice_config != self.config:
-            # A new configuration (the user's reconfigure, a fault): advice starts over.
-            self._advice_config = self.config
-            self._advice = rec
-            self._pending = None
-            return rec
-        if _same_advice(self._advice, rec):
-            self._pending = None
-            return self._advice
-        if self._pending is not None and _same_advice(self._pending, rec):
-            self._advice = rec
-            self._pending = None
-            return rec
-        # One window's different advice may be noise: wait for the next to confirm it.
-        self._pending = rec if rec is not None else _NO_ADVICE
-        return self._advice
+        return self._advice.update(self.config, rec)
 
     def state_dict(self) -> dict[str, Any]:
         """What this controller has learned, as plain data (for a checkpoint).
@@ -1161,3 +1146,37 @@ class WindowNoise:
             return math.inf
         between = self.variance(samples)
         return math.sqrt(sum(x.rel_var + between for x in samples)) / k
+
+
+class StableAdvice:
+    """Recommend mode's advice, held until it really changes.
+
+    Rates wobble between windows; advice that flips with them is noise to the reader. A
+    different advice replaces the held one only when two windows in a row agree on it (worker
+    counts within ~20%, or both "≥ N" at the cap); a new configuration starts over.
+    """
+
+    def __init__(self) -> None:
+        self._held: Recommendation | None = None
+        self._config: LoaderConfig | None = None
+        self._pending: Recommendation | None = None
+
+    def update(self, config: LoaderConfig, rec: Recommendation | None) -> Recommendation | None:
+        """Takes one window's advice for ``config``; returns the advice to show (the very same
+        object as before while it has not really changed)."""
+        if self._config != config:
+            # A new configuration (the user's reconfigure, a fault): advice starts over.
+            self._config = config
+            self._held = rec
+            self._pending = None
+            return rec
+        if _same_advice(self._held, rec):
+            self._pending = None
+            return self._held
+        if self._pending is not None and _same_advice(self._pending, rec):
+            self._held = rec
+            self._pending = None
+            return rec
+        # One window's different advice may be noise: wait for the next to confirm it.
+        self._pending = rec if rec is not None else _NO_ADVICE
+        return self._held
