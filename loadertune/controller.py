@@ -562,6 +562,22 @@ def compare_windows(
     )
 
 
+def _potential(m: WindowMetrics, config: LoaderConfig, new: LoaderConfig) -> float:
+    """The most a change from ``config`` to ``new`` could gain, as a share of the rate.
+
+    A worker change can at best remove the time the loop waits. A larger batch amortizes the
+    per-step overhead instead: with a step of fixed overhead plus device time proportional to the
+    batch, utilization u at the current batch gives ``f / ((1 - u) + f u)`` times the samples/s
+    at f times the batch (the model ``plan`` aims the batch with).
+    """
+    wait = m.wait_share / max(1e-9, 1.0 - m.wait_share)
+    if new.batch_size and config.batch_size and new.batch_size > config.batch_size and m.gpu_util_mean_pct:
+        u = min(1.0, max(0.0, m.gpu_util_mean_pct / 100.0))
+        f = new.batch_size / config.batch_size
+        return max(wait, f / ((1.0 - u) + f * u) - 1.0)
+    return wait
+
+
 def _sample(metrics: WindowMetrics) -> _Sample | None:
     if metrics.samples_per_s <= 0 or metrics.batches <= 0:
         return None
@@ -773,7 +789,7 @@ class Controller:
             return Decision(
                 "change", rec.config, rec.reason, before_samples_per_s=rate, lr_factor=rec.lr_factor, recommendation=rec
             )
-        potential = metrics.wait_share / max(1e-9, 1.0 - metrics.wait_share)
+        potential = _potential(metrics, self.config, rec.config)
         stall = self.costs.expected_stall(self.config, rec.config)
         if stall > 0.0:
             # End to end: the gain over the horizon must pay for the stall twice (there and,

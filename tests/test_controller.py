@@ -549,3 +549,20 @@ def test_stable_advice_changes_only_when_two_windows_agree():
     # A new configuration starts over at once.
     moved = c.replace(num_workers=16)
     assert advice.update(moved, None) is None
+
+
+def test_a_larger_batch_at_low_utilization_is_tried_at_once_not_after_windows_of_measuring():
+    # GPU steadily 14% busy with memory free, no waiting: the batch-size step's gain (about 2.8x
+    # at 4x the batch under the overhead model) shows through any noise, like a long wait does.
+    c = Controller(LoaderConfig(batch_size=16), Bounds(usable_cpus=2, max_workers=8), allow_batch_size=True)
+    m = metrics(
+        wait_share=0.0, wait_s_per_batch=0.0, gpu_util_mean_pct=14.0, gpu_util_std_pct=1.0,
+        gpu_mem_used_bytes=2 * GIB, gpu_mem_total_bytes=80 * GIB, rate_rel_stderr=0.05,
+    )
+    d = c.decide(m, diagnose(m, c.config), now_s=2.0)
+    assert d.action == "change" and d.config.batch_size > 16, d
+    # A rebuild stall measured earlier does not veto it: the gain, not the wait, pays for it.
+    c2 = Controller(LoaderConfig(batch_size=16), Bounds(usable_cpus=2, max_workers=8), allow_batch_size=True)
+    c2.note_stall(0.5)
+    d2 = c2.decide(m, diagnose(m, c2.config), now_s=2.0)
+    assert d2.action == "change" and d2.config.batch_size > 16, d2
