@@ -224,6 +224,10 @@ class TunedLoader:
         self._wait_since = 0.0
         self._stall: Any = None
         self._generation = 0
+        # Read per batch: whether a delivered item is a batch of samples (not one sample), and
+        # whether a batch's bytes are still to be measured.
+        self._batched = kind != "samples"
+        self._bytes_unknown = True
         self._current: _Epoch | None = None
         self.config = config
         self._initial_config = config
@@ -527,6 +531,7 @@ class TunedLoader:
             decide=self._pipeline.pending is None,
         )
         self._pipeline.batch_bytes = self._session.batch_bytes
+        self._bytes_unknown = self._session.batch_bytes is None
         actuator = self._actuator
         actuator.check_limits()
         if decision is not None:
@@ -626,15 +631,25 @@ class _Epoch:
                 tl._cpu_mark = time.thread_time()
                 cpu = tl._cpu_mark - cpu
             tl._cpu_phase = (phase + 1) % _CPU_EVERY
-        n = pipeline.delivered() or tl._config.batch_size or 1
+        issued = pipeline.src_issued
+        if issued:
+            # The batch just delivered leaves the issued list (inlined LoaderPipeline.delivered).
+            consumed = issued.popleft()
+            pipeline.last_delivered = consumed
+            if pipeline.crashes.suspects:
+                pipeline.crashes.delivered(consumed)
+            n = len(consumed) if tl._batched else 1
+        else:
+            n = tl._config.batch_size or 1
         tl.step = step = tl.step + 1
         tl._timer.record(requested, returned, n, cpu, loop_cpu)
         schedule = tl._schedule
         if returned >= schedule.deadline_s and step >= schedule.step:
             tl._on_window(returned, batch)
-        elif tl._session.batch_bytes is None:
+        elif tl._bytes_unknown:
             tl._session.note_batch(batch)
             pipeline.batch_bytes = tl._session.batch_bytes
+            tl._bytes_unknown = pipeline.batch_bytes is None
         follower = tl._follower
         if follower.pending and step > follower.due_after_step:
             # The first batch of a new size: the learning rate follows it now.
