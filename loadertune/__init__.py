@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # Public name -> module that defines it. Resolved on first use (PEP 562) so that
 # ``import loadertune`` imports neither torch nor pynvml.
 _EXPORTS = {
-    "Bounds": "loadertune.controller",
+    "Bounds": "loadertune.planning",
     "Diagnosis": "loadertune.diagnosis",
     "Environment": "loadertune.diagnosis",
     "Event": "loadertune.events",
@@ -26,7 +26,7 @@ _EXPORTS = {
     "LoaderConfig": "loadertune.config",
     "LoadertuneError": "loadertune.errors",
     "NvmlGpu": "loadertune.sources.nvml",
-    "Recommendation": "loadertune.controller",
+    "Recommendation": "loadertune.planning",
     "ReconfigureError": "loadertune.errors",
     "Sampler": "loadertune.sampler",
     "SchedulerNotScalableError": "loadertune.errors",
@@ -45,12 +45,12 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
     from loadertune.config import LoaderConfig
-    from loadertune.controller import Bounds, Recommendation
     from loadertune.diagnosis import Diagnosis, Environment, Thresholds, diagnose
     from loadertune.errors import LoadertuneError, ReconfigureError, SchedulerNotScalableError
     from loadertune.events import Event, read_events
     from loadertune.lr import scale_lr
     from loadertune.metrics import WindowMetrics
+    from loadertune.planning import Bounds, Recommendation
     from loadertune.sampler import Sampler, Snapshot
     from loadertune.seeding import seed_everything
     from loadertune.sources.base import GpuReading, HostReading

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from loadertune import shm
 from loadertune.config import LoaderConfig
 from loadertune.controller import Decision
 from loadertune.faults import WORKER_DIED, SampleCrashError, worker_death
@@ -173,7 +174,8 @@ class Actuator:
                     "set num_workers yourself",
                 )
                 config = config.replace(num_workers=cap)
-        fitted = self._pipeline.shm_fit(config)
+        room = self._pipeline.shm_room()
+        fitted = config if room is None else shm.fit(config, room[0])
         if fitted != config:
             self._warn_shm(config, fitted)
         return fitted
@@ -209,18 +211,18 @@ class Actuator:
         config = self._front.config
         room = pipeline.shm_room()
         if room is not None:
-            fitted = pipeline.shm_fit(config, room[0])
+            fitted = shm.fit(config, room[0])
             if fitted != config:
                 self._warn_shm(config, fitted)
                 if self._mode == "apply" and pipeline.in_epoch:
                     self.change(fitted, "fault", f"the batches in flight would not fit {pipeline.shm_path}")
                     session.controller.note_fault(fitted.replace(num_workers=fitted.num_workers + 1), fitted)
             elif session.metrics is not None:
-                from loadertune.controller import estimate_workers
+                from loadertune.planning import estimate_workers
 
                 est = estimate_workers(session.metrics, config, session.controller.bounds)
                 if est is not None and est.needed > max(room[0], config.num_workers):
-                    self._warn_shm(config.replace(num_workers=est.needed), pipeline.shm_fit(config.replace(num_workers=est.needed), room[0]))
+                    self._warn_shm(config.replace(num_workers=est.needed), shm.fit(config.replace(num_workers=est.needed), room[0]))
         rec = session.recommendation
         cap = self._workers_cap
         if cap is not None and rec is not None and rec.config.num_workers > cap and self._mode == "recommend":
@@ -390,7 +392,7 @@ class Actuator:
             target = in_flight // 2 if room is None else min(in_flight // 2, room[0])
             if pipeline.crashes.suspects:
                 target = max(1, target)  # a sample under suspicion never loads in this process
-            after = pipeline.shm_fit(before, room=target)
+            after = shm.fit(before, target)
             what = f"{pipeline.shm_path} is full"
             self._warn_shm(before, after)
         else:

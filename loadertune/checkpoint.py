@@ -196,17 +196,6 @@ class EpochStart:
 
 
 # -- what identifies the stream ------------------------------------------------------------------
-def _source(tuned: TunedLoader) -> Any:
-    loader, kind = tuned.loader, tuned._pipeline.kind
-    if kind == "batch_sampler":
-        return loader.batch_sampler
-    if kind == "sampler":
-        return loader.batch_sampler.sampler
-    if kind == "samples":
-        return loader.sampler
-    return None
-
-
 def _len(obj: Any) -> int | None:
     try:
         return len(obj)
@@ -228,7 +217,7 @@ def _world(source: Any) -> tuple[int, int]:
 
 
 def _fingerprint(tuned: TunedLoader) -> dict[str, Any]:
-    source = _source(tuned)
+    source = tuned._pipeline.order.source()
     inner = getattr(source, "sampler", None)
     world, rank = _world(source)
     return {
@@ -248,7 +237,7 @@ def loader_state(tuned: TunedLoader) -> dict[str, Any]:
     pipeline = tuned._pipeline
     mid_epoch = pipeline.in_epoch or (pipeline.kind == "iterable" and pipeline.src_it is not None)
     if pipeline.in_epoch:
-        start = pipeline.epoch_start
+        start = pipeline.order.start
         epoch_start = EpochStart(
             start.generators,
             start.roles,
@@ -261,7 +250,7 @@ def loader_state(tuned: TunedLoader) -> dict[str, Any]:
         # Between epochs the next epoch starts from the generators as they are now; the global
         # RNG is the training script's to restore, the sampler's epoch its set_epoch's.
         epoch_start = EpochStart.capture(
-            tuned.loader, _source(tuned), base_seed_drawn=pipeline._base_seed_drawn, global_rng=False
+            tuned.loader, pipeline.order.source(), base_seed_drawn=pipeline.order.base_seed_drawn, global_rng=False
         )
         epoch_start.sampler_epoch = None
     else:
@@ -275,7 +264,7 @@ def loader_state(tuned: TunedLoader) -> dict[str, Any]:
         "mid_epoch": bool(mid_epoch),
         "source": _fingerprint(tuned),
         "epoch_start": epoch_start.to_dict() if epoch_start is not None else None,
-        "base_seed_once": pipeline.base_seed_once,
+        "base_seed_once": pipeline.order.base_seed_once,
         "config": tuned.config.to_dict(),
         "mode": tuned.mode,
         "controller": session.controller.state_dict(),
@@ -364,7 +353,7 @@ def load_loader_state(tuned: TunedLoader, state: dict[str, Any], *, warm_start: 
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"malformed TunedLoader state ({exc!r}); pass what TunedLoader.state_dict() returned") from None
     if start is not None:
-        gens = _generators(tuned.loader, _source(tuned))
+        gens = _generators(tuned.loader, tuned._pipeline.order.source())
         if tuple(_roles(gens)) != start.roles:
             raise _mismatch(
                 "generators (loader, sampler, inner sampler)",
@@ -393,13 +382,13 @@ def load_loader_state(tuned: TunedLoader, state: dict[str, Any], *, warm_start: 
             # Nothing is built yet: the first iter() builds the tuned loader directly.
             pipeline.config = target
             tuned.config = target
-    pipeline.base_seed_once = bool(state["base_seed_once"])
+    pipeline.order.base_seed_once = bool(state["base_seed_once"])
     if start is not None:
         if state["mid_epoch"]:
-            pipeline.resume_at = start
+            pipeline.order.resume_at = start
         else:
             start.position = 0
-            pipeline.resume_at = start
+            pipeline.order.resume_at = start
     tuned.epoch, tuned.step = epoch, step
     tuned._follower.load_state_dict(state["follower"], batch_size=tuned.config.batch_size, step=step)
     if state["mid_epoch"] and pipeline.kind == "iterable":

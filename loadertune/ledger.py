@@ -55,8 +55,8 @@ class CostMeter:
     """Measures what changes and epochs cost the job and tells the controller.
 
     Args:
-        controller: The controller told of stalls and start-up (``note_stall``,
-            ``note_startup``, ``startup_share``).
+        controller: The controller told of stalls and start-up (``costs.note_stall``,
+            ``costs.note_startup``, ``costs.startup_share``).
 
     Attributes:
         last_stall_s: The stall measured after the last rebuild, None before one.
@@ -91,7 +91,7 @@ class CostMeter:
             self.last_stall_s = stall
             out["stall_s"] = round(stall, 4)
             if warm.new_workers:
-                self._controller.note_stall(stall)
+                self._controller.costs.note_stall(stall)
                 if config.num_workers > 0 and not config.persistent_workers:
                     # Every epoch starts these workers again.
                     self._startup[key] = stall
@@ -110,7 +110,7 @@ class CostMeter:
             out["startup_s"] = round(startup, 4)
         if epoch_s is not None:
             out["epoch_s"] = round(epoch_s, 3)
-        self._controller.note_startup(startup, epoch_s)
+        self._controller.costs.note_startup(startup, epoch_s)
         return out
 
     def job_metrics(self, metrics: WindowMetrics, config: LoaderConfig) -> WindowMetrics:
@@ -118,7 +118,7 @@ class CostMeter:
         cost their start-up once per epoch (the steady rate leaves it out)."""
         if config.num_workers == 0 or config.persistent_workers:
             return metrics
-        share = self._controller.startup_share()
+        share = self._controller.costs.startup_share()
         if share is None or share <= 0.0:
             return metrics
         f = 1.0 - share

@@ -12,17 +12,15 @@ batches it was handed, oldest first), and nothing else.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from loadertune import shm
+from loadertune.building import build_loader, make_persistent, start_iterator
 from loadertune.config import LoaderConfig
 from loadertune.errors import ReconfigureError
 from loadertune.faults import (
@@ -32,8 +30,9 @@ from loadertune.faults import (
     dead_worker_batches,
     death_report,
 )
+from loadertune.order import EpochOrder
 from loadertune.shutdown import shutdown_loader
-from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler, requeue_issued
+from loadertune.stream import EpochStream, requeue_issued
 
 __all__ = ["LoaderPipeline", "StreamKind", "stream_kind"]
 
@@ -41,8 +40,6 @@ __all__ = ["LoaderPipeline", "StreamKind", "stream_kind"]
 #: (torch's BatchSampler: loadertune re-cuts the batches), "batch_sampler" (the user's own: its
 #: batches are kept whole), "samples" (automatic batching off: one sample per item).
 StreamKind = Literal["iterable", "sampler", "batch_sampler", "samples"]
-
-_TORCH_WORKER_WARNING = "This DataLoader will create"
 
 
 
@@ -116,14 +113,9 @@ class LoaderPipeline:
         self._it: Iterator[Any] | None = None
         self._stream: EpochStream | None = None
         self._drain: _Drain | None = None
-        self._base_seed_drawn = False
-        # Whether the base seed is drawn once for the run (a plain persistent-workers loader
-        # keeps its first iterator) rather than once per epoch; a resumed run keeps the saved one.
-        self.base_seed_once = config.persistent_workers and config.num_workers > 0
-        #: The RNG states at the start of the epoch being served (``checkpoint.EpochStart``).
-        self.epoch_start: Any = None
-        #: Set by ``load_state_dict``: the interrupted epoch the next ``start_epoch`` continues.
-        self.resume_at: Any = None
+        #: Each epoch's order and the RNG states it comes from (an IterableDataset has its own
+        #: order: only the built loaders' generator is used).
+        self.order = EpochOrder(loader, self.kind, config)
         #: Bytes of one collated batch (set by the front end once measured): bounds /dev/shm use.
         self.batch_bytes: int | None = None
         self.shm_path = shm.SHM_PATH
@@ -131,8 +123,6 @@ class LoaderPipeline:
         self.crashes = CrashTracker()
         # The batch last delivered when a cut-short loader was replaced (no progress since: stop).
         self._resumed_at: Any = _NOTHING
-        # The rebuilt loaders' own generator: they never draw from the user's or the global RNG.
-        self._generator = torch.Generator()
 
     @property
     def in_epoch(self) -> bool:
@@ -165,10 +155,10 @@ class LoaderPipeline:
         if self.kind == "iterable":
             if self._inner is None:
                 self._inner = self._build(None)
-            self._it = _iterate(self._inner, self.collective)
+            self._it = start_iterator(self._inner, self.collective)
         else:
-            source = self._epoch_source()
-            self._stream = EpochStream(source, drawn=self.epoch_start.position)
+            source = self.order.begin()
+            self._stream = EpochStream(source, drawn=self.order.start.position)
             if self._inner is None or not self.config.persistent_workers or self.config.num_workers == 0:
                 self._shutdown_inner()
                 self._inner = self._build(self._stream)
@@ -176,7 +166,7 @@ class LoaderPipeline:
                 sampler = self._inner_sampler()
                 sampler.stream = self._stream
                 sampler.issued.clear()
-            self._it = _iterate(self._inner, self.collective)
+            self._it = start_iterator(self._inner, self.collective)
         self._point()
         return switched
 
@@ -196,33 +186,6 @@ class LoaderPipeline:
             self._shutdown_inner()
         self._stream = None
         self.src_it = self.src_issued = None
-
-    def _epoch_source(self) -> Iterator[Any]:
-        loader = self.loader
-        source = (
-            loader.batch_sampler
-            if self.kind == "batch_sampler"
-            else (loader.batch_sampler.sampler if self.kind == "sampler" else loader.sampler)
-        )
-        from loadertune.checkpoint import EpochStart
-
-        # The RNG states this epoch's order comes from (a checkpoint saves them); a resumed
-        # epoch puts the saved ones back first, and skips what was consumed before.
-        resume, self.resume_at = self.resume_at, None
-        if resume is not None:
-            self._base_seed_drawn = resume.base_seed_drawn
-            start = resume.begin(loader, source)
-        else:
-            start = EpochStart.capture(loader, source, base_seed_drawn=self._base_seed_drawn)
-        # Create the sampler's iterator first, then draw the base seed: the order in which a
-        # plain DataLoader consumes its RNG, so this epoch's and later epochs' orders match it.
-        source_iter = iter(source)
-        if not (self.base_seed_once and self._base_seed_drawn):
-            base = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
-            self._base_seed_drawn = True
-            self._generator.manual_seed(base)
-        self.epoch_start = start
-        return start.skip(source_iter)
 
     def position(self) -> int:
         """Items of this epoch's sampler the loop has consumed (in-flight ones do not count):
@@ -337,7 +300,7 @@ class LoaderPipeline:
             # Even an exhausted stream gets a loader: it ends the epoch as the old one would have.
             self._inner = new
             try:
-                self._it = _iterate(new, self.collective)
+                self._it = start_iterator(new, self.collective)
             except BaseException as exc:
                 # The epoch cannot go on without a loader: every later next() says why, so it
                 # never ends early in silence.
@@ -359,15 +322,10 @@ class LoaderPipeline:
             and self._drain is None
             and inner is not None
             and it is not None
-            and hasattr(it, "_persistent_workers")
             and self.kind != "iterable"
         ):
             return False
-        # torch forbids setting it on a built loader; the loader object itself is ours.
-        object.__setattr__(inner, "persistent_workers", True)
-        inner._iterator = it
-        it._persistent_workers = True
-        return True
+        return make_persistent(inner, it)
 
     def requeue_front(self, items: Any) -> None:
         """Hands ``items`` (a failed batch's indices) out again first, then what is in flight."""
@@ -389,15 +347,6 @@ class LoaderPipeline:
         if not self.batch_bytes:
             return None
         return shm.room(self.shm_path, self.batch_bytes, self.worker_pids(), self._in_flight_batches())
-
-    def shm_fit(self, config: LoaderConfig, room: int | None = None) -> LoaderConfig:
-        """``config`` cut to fit /dev/shm (``room`` batches, else measured now)."""
-        if room is None:
-            measured = self.shm_room()
-            if measured is None:
-                return config
-            room = measured[0]
-        return shm.fit(config, room)
 
     def _in_flight_batches(self) -> int:
         n = 0
@@ -472,25 +421,17 @@ class LoaderPipeline:
 
     # -- building ----------------------------------------------------------------------------------
     def _build(self, stream: EpochStream | None, config: LoaderConfig | None = None) -> DataLoader:
-        with _torch_warnings_once():
-            loader = self._new_loader(stream, config or self.config)
-        # `loadertune run` instruments user loaders; the ones loadertune builds pass through.
-        loader._loadertune_internal = True
-        return loader
-
-    def _new_loader(self, stream: EpochStream | None, c: LoaderConfig) -> DataLoader:
-        kwargs = carried_options(self.loader, c, worker_init_fn=self.worker_init_fn, generator=self._generator)
-        if stream is None:  # IterableDataset: its own order; changes take effect per epoch
-            return DataLoader(self._dataset, batch_size=c.batch_size, drop_last=self.drop_last, **kwargs)
-        if self.kind == "sampler":
-            return DataLoader(
-                self._dataset,
-                batch_sampler=StreamBatchSampler(stream, c.batch_size, self.drop_last, self._key),
-                **kwargs,
-            )
-        if self.kind == "batch_sampler":
-            return DataLoader(self._dataset, batch_sampler=StreamSampler(stream, self._key), **kwargs)
-        return DataLoader(self._dataset, batch_size=None, sampler=StreamSampler(stream, self._key), **kwargs)
+        return build_loader(
+            self.loader,
+            self._dataset,
+            stream,
+            config or self.config,
+            kind=self.kind,
+            drop_last=self.drop_last,
+            key=self._key,
+            worker_init_fn=self.worker_init_fn,
+            generator=self.order.generator,
+        )
 
     def _point(self) -> None:
         """Points the per-batch path at the draining loader, else at the current one."""
@@ -554,113 +495,3 @@ class _Failed:
         if self.message is not None:
             raise RuntimeError(self.message)
         raise RuntimeError(f"the DataLoader for the rest of this epoch could not be started: {self.exc!r}") from self.exc
-
-
-#: torch's warnings already shown in this process (category, text): once per run, not per rebuild.
-_WARNED: set[tuple[type, str]] = set()
-
-
-@contextlib.contextmanager
-def _torch_warnings_once() -> Iterator[None]:
-    """Building or starting a loader: torch's warnings pass once per process.
-
-    torch warns past its suggested worker count (the usable CPUs); loadertune goes past it on
-    purpose for I/O-bound loads and bounds CPU-bound ones itself, so that one is dropped. The
-    rest (pin_memory without an accelerator...) would come again at every rebuild: a
-    ``catch_warnings`` block resets Python's once-per-location memory, so they are recorded and
-    re-issued only the first time (through the user's filters, which still apply).
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
-        yield
-    for w in caught:
-        key = (w.category, str(w.message))
-        if key in _WARNED:
-            continue
-        _WARNED.add(key)
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def _iterate(loader: DataLoader, collective: Any = None) -> Iterator[Any]:
-    guard: Any = contextlib.nullcontext()
-    if collective is not None and loader.num_workers > 0:
-        from loadertune.distributed import fork_guard
-
-        # Under torch.distributed, workers fork from a process with gloo's threads: fork them
-        # from a quiet state (see fork_guard), so nothing of those threads is touched in a worker.
-        guard = fork_guard(collective)
-    try:
-        with guard, _torch_warnings_once():
-            return iter(loader)
-    except BaseException as exc:
-        # Interrupted (Ctrl-C) or failed half-way: torch's iterator was never returned, so stop
-        # the workers it had already started here, or they outlive the run.
-        _abort_started(exc)
-        raise
-
-
-def _abort_started(exc: BaseException) -> None:
-    """Stops the workers and queues of a multi-process iterator whose ``__init__`` did not finish."""
-    tb = exc.__traceback__
-    it = None
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == "__init__" and "DataLoaderIter" in type(frame.f_locals.get("self")).__name__:
-            it = frame.f_locals["self"]
-        tb = tb.tb_next
-    if it is None:
-        return
-    if getattr(it, "_worker_pids_set", False):
-        from torch.utils.data import _utils
-
-        with contextlib.suppress(Exception):  # already removed, or torch's internals moved
-            _utils.signal_handling._remove_worker_pids(id(it))
-        it._worker_pids_set = False
-    it._shutdown = True  # torch's __del__ must not run its shutdown on a half-built iterator
-    done = getattr(it, "_workers_done_event", None)
-    if done is not None:
-        done.set()
-    for w in getattr(it, "_workers", None) or []:
-        try:
-            w.terminate()
-            w.join(2.0)
-            if w.is_alive():
-                w.kill()
-                w.join(5.0)
-        except (OSError, ValueError, AssertionError):
-            pass
-    queues = list(getattr(it, "_index_queues", None) or [])
-    for name in ("_worker_result_queue", "_data_queue"):
-        q = getattr(it, name, None)
-        if q is not None and q not in queues:
-            queues.append(q)
-    for q in queues:
-        try:
-            q.cancel_join_thread()
-            q.close()
-        except (AttributeError, OSError, ValueError):
-            pass
-
-
-def carried_options(loader: DataLoader, c: LoaderConfig, *, worker_init_fn: Any, generator: Any) -> dict[str, Any]:
-    """The keyword arguments of a DataLoader at ``c`` that keeps every other option of
-    ``loader`` (collate_fn, timeout, pinning device, multiprocessing context, in_order), valid
-    for torch whatever ``c`` is: the options that need workers are passed only with workers."""
-    kwargs: dict[str, Any] = {
-        "num_workers": c.num_workers,
-        "pin_memory": c.pin_memory,
-        "collate_fn": loader.collate_fn,
-        "timeout": loader.timeout,
-        "worker_init_fn": worker_init_fn,
-        "generator": generator,
-    }
-    if loader.pin_memory_device:
-        kwargs["pin_memory_device"] = loader.pin_memory_device
-    if c.num_workers > 0:
-        kwargs["prefetch_factor"] = c.prefetch_factor
-        kwargs["persistent_workers"] = c.persistent_workers
-        # torch refuses a multiprocessing context without workers.
-        kwargs["multiprocessing_context"] = loader.multiprocessing_context
-        if getattr(loader, "in_order", True) is False:
-            kwargs["in_order"] = False
-    return kwargs

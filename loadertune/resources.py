@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loadertune.controller import Bounds, default_max_workers
+from loadertune.planning import Bounds, default_max_workers
 
 __all__ = ["node_bounds", "resolve_gpu"]
 

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from loadertune.config import LoaderConfig
-from loadertune.controller import Controller, Decision, Recommendation
+from loadertune.controller import Controller, Decision
 from loadertune.diagnosis import Diagnosis, Environment, diagnose
 from loadertune.events import Event, EventLog
 from loadertune.ledger import CostMeter, RunRates, Warmup
 from loadertune.metrics import WindowMetrics, compute_metrics
 from loadertune.options import TuneOptions, resolve_lr
+from loadertune.planning import Recommendation
 from loadertune.resources import node_bounds, resolve_gpu
 from loadertune.sampler import Sampler
 from loadertune.schedule import WindowSchedule

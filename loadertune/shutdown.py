@@ -23,7 +23,7 @@ import re
 import signal
 from typing import Any
 
-__all__ = ["shutdown_loader"]
+__all__ = ["abort_started", "shutdown_loader"]
 
 logger = logging.getLogger("loadertune")
 
@@ -58,6 +58,34 @@ def shutdown_loader(loader: Any, iterator: Any) -> None:
             continue
         seen.add(id(it))
         _shutdown_iterator(it)
+
+
+def abort_started(exc: BaseException) -> None:
+    """Stops the workers and queues of a multi-process iterator whose ``__init__`` did not
+    finish (interrupted, or failed half-way): torch never returned it, so nothing else would.
+
+    Args:
+        exc: The exception raised out of ``iter(loader)``; the half-built iterator is found in
+            its traceback.
+    """
+    tb = exc.__traceback__
+    it = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "DataLoaderIter" in type(frame.f_locals.get("self")).__name__:
+            it = frame.f_locals["self"]
+        tb = tb.tb_next
+    if it is None:
+        return
+    it._shutdown = True  # torch's __del__ must not run its shutdown on a half-built iterator
+    _unregister(it)
+    done = getattr(it, "_workers_done_event", None)
+    if done is not None:
+        done.set()
+    try:
+        _reap(list(getattr(it, "_workers", None) or []))
+    finally:
+        _close_queues(it)
 
 
 def _shutdown_iterator(it: Any) -> None:

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from loadertune.actuator import Actuator
 from loadertune.config import LoaderConfig
-from loadertune.controller import Recommendation
 from loadertune.diagnosis import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
@@ -28,6 +27,7 @@ from loadertune.follower import BatchFollower
 from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, Mode, OnStall, TuneOptions
 from loadertune.pipeline import LoaderPipeline, stream_kind
+from loadertune.planning import Recommendation
 from loadertune.sampler import Sampler
 from loadertune.session import TuningSession, close_at_exit
 
@@ -312,9 +312,9 @@ class TunedLoader:
         """
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        if self._pipeline.resume_at is not None and epoch != self.epoch:
+        if self._pipeline.order.resume_at is not None and epoch != self.epoch:
             logger.warning("set_epoch(%d) after resuming in epoch %d: epoch %d starts afresh", epoch, self.epoch, epoch)
-            self._pipeline.resume_at = None
+            self._pipeline.order.resume_at = None
         self.epoch = epoch
         for s in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None), self.loader.batch_sampler):
             set_epoch = getattr(s, "set_epoch", None)

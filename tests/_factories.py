@@ -87,3 +87,28 @@ def rest(it) -> list[int]:
             out.extend(int(i) for i in next(it))
         except StopIteration:
             return out
+
+
+def latency_bound_at_zero(**kw: Any) -> WindowMetrics:
+    """A window at 0 workers of a latency-bound load: I/O waits, little CPU."""
+    # 32 samples x 4 ms of I/O per batch = 128 ms in next(); 20 ms step; little CPU.
+    base = dict(
+        wait_share=0.86, wait_s_per_batch=0.128, compute_s_per_batch=0.02, batches_per_s=6.7,
+        samples_per_s=216.0, loader_cpu_s_per_batch=0.004, cpu_pct=25.0, usable_cpus=2,
+        process_cpu_pct=5.0, gpu_util_mean_pct=13.0, gpu_util_std_pct=30.0, gpu_idle_share=0.8,
+    )
+    base.update(kw)
+    return metrics(**base)
+
+
+def conv_net_with_jpeg_decode_at_zero(**kw: Any) -> WindowMetrics:
+    """A window at 0 workers of a JPEG-decoding conv net whose loop keeps the CPUs busy."""
+    # The issue-13 JPEG conv net: decode 0.2 s/batch in the loop, a 0.27 s step whose torch
+    # threads keep ~1.6 of the 2 CPUs busy. From the rates alone one worker keeps up.
+    base = dict(
+        wait_share=0.43, wait_s_per_batch=0.2, compute_s_per_batch=0.27, batches_per_s=2.1,
+        samples_per_s=67.0, loader_cpu_s_per_batch=0.19, cpu_pct=80.0, usable_cpus=2,
+        process_cpu_pct=160.0, loop_cpu_cores=1.6,
+    )
+    base.update(kw)
+    return metrics(**base)

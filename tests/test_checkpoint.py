@@ -142,9 +142,9 @@ def test_warm_start_resumes_at_the_tuned_configuration_with_what_was_learned():
 def test_a_trial_under_way_resumes_at_the_configuration_it_started_from():
     t = quiet(shuffled(workers=0), mode="apply")
     ctl = t._session.controller
-    from loadertune.controller import _Trial
+    from loadertune.trial import Trial
 
-    ctl._trial = _Trial(previous=t.config, before=[], lr_factor=None, cheaper=False)
+    ctl._trial = Trial(previous=t.config, before=[], lr_factor=None, cheaper=False)
     ctl.config = t.config.replace(num_workers=4)
     state = t.state_dict()
     t.close()
@@ -381,7 +381,7 @@ def test_mismatches_name_the_field_and_change_nothing(make, edit, message):
     config, epoch = t.config, t.epoch
     with pytest.raises(ValueError, match=message):
         t.load_state_dict(state)
-    assert (t.config, t.epoch, t.step, t._pipeline.resume_at) == (config, epoch, 0, None)
+    assert (t.config, t.epoch, t.step, t._pipeline.order.resume_at) == (config, epoch, 0, None)
     t.close()
 
 

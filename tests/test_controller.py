@@ -1,111 +1,16 @@
+"""Controller: apply mode's change, measure, keep-or-revert, hold and re-tune."""
+
 from __future__ import annotations
 
-import math
-
 import pytest
-from _factories import GIB, metrics
+from _factories import GIB, conv_net_with_jpeg_decode_at_zero, latency_bound_at_zero, metrics
 
 from loadertune.config import LoaderConfig
-from loadertune.controller import Bounds, Controller, default_max_workers, estimate_workers, plan
+from loadertune.controller import Controller
 from loadertune.diagnosis import diagnose
+from loadertune.planning import Bounds, plan
 
 BOUNDS = Bounds(usable_cpus=2, max_workers=16, ram_budget_bytes=8 * GIB)
-
-
-def latency_bound_at_zero(**kw):
-    # 32 samples x 4 ms of I/O per batch = 128 ms in next(); 20 ms step; little CPU.
-    base = dict(
-        wait_share=0.86, wait_s_per_batch=0.128, compute_s_per_batch=0.02, batches_per_s=6.7,
-        samples_per_s=216.0, loader_cpu_s_per_batch=0.004, cpu_pct=25.0, usable_cpus=2,
-        process_cpu_pct=5.0, gpu_util_mean_pct=13.0, gpu_util_std_pct=30.0, gpu_idle_share=0.8,
-    )
-    base.update(kw)
-    return metrics(**base)
-
-
-def test_latency_bound_at_zero_workers_aims_at_the_rate_that_keeps_up():
-    cfg = LoaderConfig(num_workers=0, batch_size=32)
-    m = latency_bound_at_zero()
-    est = estimate_workers(m, cfg, BOUNDS)
-    # 128 ms per batch per worker against 50 batches/s: ~6.4 workers, aimed a bit above.
-    assert est.needed == 8 and est.limited_by == "rates"
-    assert est.cpu_cap > 16
-    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS)
-    assert rec.config.num_workers >= 3
-    assert rec.changes["num_workers"] == (0, 8)
-    assert rec.expected_speedup > 3
-    assert rec.lr_factor is None
-
-
-def test_cpu_bound_load_is_capped_by_the_cores():
-    cfg = LoaderConfig(num_workers=0, batch_size=32)
-    # Loading burns all of its time on the CPU.
-    m = latency_bound_at_zero(loader_cpu_s_per_batch=0.125, process_cpu_pct=95.0)
-    est = estimate_workers(m, cfg, BOUNDS)
-    assert est.limited_by == "cpu" and est.target == 2
-
-
-def test_oversubscribed_cpu_bound_load_steps_down_to_the_cores():
-    cfg = LoaderConfig(num_workers=6, batch_size=32)
-    m = metrics(
-        wait_share=0.5, wait_s_per_batch=0.02, compute_s_per_batch=0.02, batches_per_s=25,
-        cpu_pct=99.0, usable_cpus=2, process_cpu_pct=10.0, loader_cpu_s_per_batch=0.08,
-    )
-    d = diagnose(m, cfg)
-    assert d.kind == "cpu_bound"
-    rec = plan(m, d, cfg, BOUNDS)
-    assert rec is not None and rec.config.num_workers == 2
-
-
-def test_cpu_bound_within_the_cores_recommends_no_more_workers():
-    cfg = LoaderConfig(num_workers=2, batch_size=32)
-    m = metrics(
-        wait_share=0.5, wait_s_per_batch=0.02, compute_s_per_batch=0.02, batches_per_s=25,
-        cpu_pct=99.0, usable_cpus=2, process_cpu_pct=10.0, loader_cpu_s_per_batch=0.08,
-    )
-    assert plan(m, diagnose(m, cfg), cfg, BOUNDS) is None
-
-
-def test_ram_budget_bounds_workers():
-    cfg = LoaderConfig(num_workers=2, batch_size=32)
-    m = latency_bound_at_zero(wait_s_per_batch=0.05, batches_per_s=10, worker_mem_bytes=3 * GIB)
-    est = estimate_workers(m, cfg, BOUNDS)
-    assert est.ram_cap == 2 and est.target == 2 and est.limited_by == "ram"
-
-
-def test_shm_bounds_workers():
-    cfg = LoaderConfig(num_workers=0, batch_size=32)
-    bounds = Bounds(usable_cpus=2, max_workers=16, batch_bytes=256 * 2**20)
-    m = latency_bound_at_zero(shm_free_bytes=2 * GIB)
-    est = estimate_workers(m, cfg, bounds)
-    # 90% of (2 GiB free + the loop's one 256 MiB batch) holds 8 batches, one the loop's: 7
-    # workers at prefetch_factor 1 (the pipeline fits the prefetch to the room; issue 14).
-    assert est.shm_cap == 7 and est.target == 7 and est.limited_by == "shm"
-
-
-def test_batch_headroom_aims_at_high_utilization_within_memory_with_lr_factor():
-    cfg = LoaderConfig(num_workers=4, batch_size=32)
-    # 40% busy: ~8.5x the batch would reach 85%; one step grows it at most 4x.
-    m = metrics(gpu_util_mean_pct=40, gpu_util_std_pct=4, gpu_mem_used_bytes=10 * GIB)
-    d = diagnose(m, cfg)
-    rec = plan(m, d, cfg, BOUNDS, lr_exponent=0.5)
-    assert rec.config.batch_size == 128
-    assert rec.lr_factor == pytest.approx(2.0)
-    # 70% busy needs less; memory (35 of 80 GiB in use) allows less still.
-    m2 = metrics(gpu_util_mean_pct=45, gpu_util_std_pct=4, gpu_mem_used_bytes=35 * GIB)
-    assert plan(m2, diagnose(m2, cfg), cfg, BOUNDS).config.batch_size == 56
-    assert plan(m, d, cfg, BOUNDS, allow_batch_size=False) is None
-    capped = plan(m, d, cfg, Bounds(usable_cpus=2, max_workers=16, max_batch_size=48))
-    assert capped.config.batch_size == 48
-
-
-def test_balanced_needs_nothing():
-    cfg = LoaderConfig(num_workers=4, batch_size=32)
-    assert plan(metrics(), diagnose(metrics(), cfg), cfg, BOUNDS) is None
-
-
-def test_default_max_workers_goes_beyond_the_cores():
-    assert default_max_workers(1) == 8 and default_max_workers(2) == 16 and default_max_workers(64) == 64
 
 
 def _controller(cfg=None, **kw):
@@ -162,23 +67,6 @@ def test_a_noisy_window_does_not_decide_but_repeated_ones_do():
     assert k.action == "keep" and k.after_samples_per_s == pytest.approx(1792.0)
 
 
-def test_a_cheaper_change_within_the_band_is_kept_and_a_costlier_one_reverted():
-    from loadertune.controller import _Sample, compare_windows
-
-    def side(rate, n=6):
-        return [_Sample(math.log(rate), rate, 1e-6, 100) for _ in range(n)]
-
-    kw = dict(tie_band=0.03, between_var=0.0, z=1.645)
-    # -2% for fewer workers: a tie, the cheaper wins; +2% for more workers: a tie, reverted.
-    assert compare_windows(side(100), side(98), cheaper=True, **kw).verdict == "keep"
-    assert compare_windows(side(100), side(102), cheaper=False, **kw).verdict == "revert"
-    assert compare_windows(side(100), side(105), cheaper=False, **kw).verdict == "keep"
-    assert compare_windows(side(100), side(95), cheaper=True, **kw).verdict == "revert"
-    # One window each with realistic spread between windows: undecided.
-    noisy = dict(kw, between_var=0.03**2)
-    assert compare_windows(side(100, 1), side(105, 1), cheaper=False, **noisy).verdict == "undecided"
-
-
 def test_measured_spread_between_windows_replaces_the_prior():
     c = _controller(LoaderConfig(num_workers=4, batch_size=32))
     assert c.window_noise == pytest.approx(0.02)
@@ -231,80 +119,6 @@ def test_batch_growth_revert_restores_lr_and_caps_batch():
     r, _ = _decide_until_not_measuring(c, metrics(samples_per_s=1610.0), 100.0)
     assert r.action == "revert" and r.config.batch_size == 32 and r.lr_factor == 0.25
     assert c.batch_ceiling == 32
-
-
-def test_small_waits_are_not_worth_a_rebuild():
-    cfg = LoaderConfig(num_workers=8, batch_size=32)
-    # 6% waiting: removing it all gains ~6%, below the 10% a change must promise.
-    m = metrics(wait_share=0.06, wait_s_per_batch=0.0013, compute_s_per_batch=0.02, batches_per_s=47, samples_per_s=1500)
-    assert diagnose(m, cfg).kind == "data_starved"
-    assert plan(m, diagnose(m, cfg), cfg, BOUNDS) is None
-    assert plan(m, diagnose(m, cfg), cfg, BOUNDS, min_gain=0.05) is not None
-
-
-def test_step_past_the_estimate_respects_the_resource_caps():
-    cfg = LoaderConfig(num_workers=4, batch_size=32)
-    # Starved at the RAM cap (4 x 2 GiB within an 8 GiB budget): no step past it.
-    m = metrics(wait_share=0.3, wait_s_per_batch=0.008, compute_s_per_batch=0.02, batches_per_s=36, worker_mem_bytes=2 * GIB)
-    assert plan(m, diagnose(m, cfg), cfg, BOUNDS) is None
-
-
-def test_over_the_ram_budget_steps_down_whatever_the_diagnosis():
-    cfg = LoaderConfig(num_workers=6, batch_size=32)
-    m = metrics(worker_mem_bytes=2 * GIB)
-    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS)
-    assert rec.config.num_workers == 4 and "RAM budget" in rec.reason
-
-
-def test_known_load_time_tempers_the_estimate_when_workers_idle():
-    cfg = LoaderConfig(num_workers=8, batch_size=32)
-    m = metrics(wait_share=0.1, wait_s_per_batch=0.002, compute_s_per_batch=0.02, batches_per_s=45)
-    loose = estimate_workers(m, cfg, BOUNDS)
-    tight = estimate_workers(m, cfg, BOUNDS, known_load_s=0.128)
-    assert tight.load_s_per_batch == pytest.approx(0.128)
-    assert tight.load_s_per_batch < loose.load_s_per_batch
-    assert tight.needed < loose.needed
-
-
-def test_busy_machine_with_spare_share_for_the_job_adds_workers_and_says_so():
-    cfg = LoaderConfig(num_workers=1, batch_size=32)
-    # 95% busy in all, but this job keeps ~1 of the 2 CPUs busy: others hold the rest.
-    m = metrics(
-        wait_share=0.5, wait_s_per_batch=0.02, compute_s_per_batch=0.02, batches_per_s=25,
-        cpu_pct=95.0, usable_cpus=2, process_cpu_pct=5.0, loader_cpu_s_per_batch=0.04,
-    )
-    d = diagnose(m, cfg)
-    assert d.kind == "data_starved" and "other processes" in d.summary
-    assert plan(m, d, cfg, BOUNDS).config.num_workers >= 2
-
-
-def test_cpu_bound_never_recommends_more_workers():
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    @settings(max_examples=300, deadline=None, derandomize=True)
-    @given(
-        w=st.integers(0, 12),
-        wait=st.floats(0.0, 0.95),
-        cpu=st.floats(0.0, 100.0),
-        proc=st.floats(0.0, 200.0),
-        loader=st.floats(0.0, 0.2),
-        workers_cpu=st.one_of(st.none(), st.floats(0.0, 400.0)),
-    )
-    def check(w, wait, cpu, proc, loader, workers_cpu):
-        cfg = LoaderConfig(num_workers=w, batch_size=32)
-        m = metrics(
-            wait_share=wait, wait_s_per_batch=0.05 * wait, compute_s_per_batch=0.02, batches_per_s=25,
-            samples_per_s=800, cpu_pct=cpu, usable_cpus=2, process_cpu_pct=proc,
-            loader_cpu_s_per_batch=loader, workers_cpu_pct=workers_cpu,
-        )
-        d = diagnose(m, cfg)
-        rec = plan(m, d, cfg, BOUNDS)
-        # The sentence and the advice never contradict (issue 13).
-        if "will not help" in d.summary and rec is not None:
-            assert rec.config.num_workers <= w
-
-    check()
 
 
 def test_over_provisioned_cpu_heavy_start_is_moved_down():
@@ -385,7 +199,7 @@ def test_forced_step_down_needs_no_trial():
 def test_a_measured_rebuild_stall_holds_a_change_that_cannot_pay_it_back():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
     c = _controller(cfg)
-    c.note_stall(12.0)  # spawn: workers take 12 s to start again
+    c.costs.note_stall(12.0)  # spawn: workers take 12 s to start again
     m0 = metrics(wait_share=0.2, wait_s_per_batch=0.004, compute_s_per_batch=0.016, batches_per_s=50, samples_per_s=1600, loader_cpu_s_per_batch=0.001)
     d, _ = _decide_until_not_measuring(c, m0, 0.0)
     # At most +25% over the 30 s horizon (7.5 s) cannot pay a 12 s stall there and back.
@@ -410,7 +224,7 @@ def test_a_costly_revert_keeps_a_change_that_is_not_slower():
     costly = _controller(cfg)
     d, _ = _decide_until_not_measuring(costly, m0, 0.0)
     assert d.action == "change"
-    costly.note_stall(10.0)  # the rebuild just measured: going back costs as much again
+    costly.costs.note_stall(10.0)  # the rebuild just measured: going back costs as much again
     k, _ = _decide_until_not_measuring(costly, m1, 200.0)
     assert k.action == "keep" and costly.config.num_workers > 4
 
@@ -418,7 +232,7 @@ def test_a_costly_revert_keeps_a_change_that_is_not_slower():
 def test_worker_start_up_at_every_epoch_switches_to_persistent_workers():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
     c = _controller(cfg)
-    c.note_startup(6.0, 20.0)  # 6 s of start-up per 20 s epoch
+    c.costs.note_startup(6.0, 20.0)  # 6 s of start-up per 20 s epoch
     m = metrics()
     d = c.decide(m, diagnose(m, c.config), now_s=1.0)
     assert d.action == "change" and d.config == cfg.replace(persistent_workers=True)
@@ -430,11 +244,11 @@ def test_worker_start_up_at_every_epoch_switches_to_persistent_workers():
 def test_small_start_up_or_no_permission_keeps_workers_as_they_are():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
     c = _controller(cfg)
-    c.note_startup(0.1, 600.0)  # fork start-up on long epochs: nothing to win
+    c.costs.note_startup(0.1, 600.0)  # fork start-up on long epochs: nothing to win
     m = metrics()
     assert c.decide(m, diagnose(m, cfg), now_s=1.0).action == "hold"
     lightning = _controller(cfg, allow_persistent=False)
-    lightning.note_startup(6.0, 20.0)
+    lightning.costs.note_startup(6.0, 20.0)
     assert lightning.decide(m, diagnose(m, cfg), now_s=1.0).action == "hold"
 
 
@@ -444,51 +258,12 @@ def test_persistence_during_a_trial_carries_to_the_configuration_a_revert_return
     m0 = metrics(wait_share=0.6, wait_s_per_batch=0.03, compute_s_per_batch=0.02, batches_per_s=20, samples_per_s=640)
     d = c.decide(m0, diagnose(m0, cfg), now_s=0.0)
     assert d.action == "change" and d.config.num_workers > 4
-    c.note_startup(5.0, 10.0)
+    c.costs.note_startup(5.0, 10.0)
     p = c.decide(metrics(), diagnose(metrics(), c.config), now_s=5.0)
     assert p.action == "change" and p.config.persistent_workers and p.config.num_workers == d.config.num_workers
     slower = metrics(samples_per_s=300.0)
     r, _ = _decide_until_not_measuring(c, slower, 10.0)
     assert r.action == "revert" and r.config == cfg.replace(persistent_workers=True)
-
-
-def test_note_stall_keeps_the_largest_and_forgets_slowly():
-    c = _controller()
-    c.note_stall(10.0)
-    c.note_stall(0.5)
-    assert c.costs.stall_s == pytest.approx(8.1)
-    c.note_stall(float("nan"))
-    assert c.costs.stall_s == pytest.approx(8.1)
-
-
-def conv_net_with_jpeg_decode_at_zero(**kw):
-    # The issue-13 JPEG conv net: decode 0.2 s/batch in the loop, a 0.27 s step whose torch
-    # threads keep ~1.6 of the 2 CPUs busy. From the rates alone one worker keeps up.
-    base = dict(
-        wait_share=0.43, wait_s_per_batch=0.2, compute_s_per_batch=0.27, batches_per_s=2.1,
-        samples_per_s=67.0, loader_cpu_s_per_batch=0.19, cpu_pct=80.0, usable_cpus=2,
-        process_cpu_pct=160.0, loop_cpu_cores=1.6,
-    )
-    base.update(kw)
-    return metrics(**base)
-
-
-def test_cpu_heavy_loading_beside_a_cpu_busy_loop_aims_at_the_usable_cpus():
-    cfg = LoaderConfig(num_workers=0, batch_size=32)
-    m = conv_net_with_jpeg_decode_at_zero()
-    # Rates alone: 0.2 s of loading against 3.7 batches/s of compute -> one worker.
-    assert estimate_workers(m, cfg, BOUNDS).needed == 2
-    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS)
-    assert rec is not None and rec.config.num_workers == 2
-    # The same loading beside a loop that sleeps (no CPU of its own) keeps the rate estimate.
-    idle = conv_net_with_jpeg_decode_at_zero(loop_cpu_cores=0.05, process_cpu_pct=45.0)
-    assert estimate_workers(idle, cfg, BOUNDS).needed == 1
-    # I/O-bound loading (a worker mostly waits) is not a CPU share question either.
-    io = conv_net_with_jpeg_decode_at_zero(loader_cpu_s_per_batch=0.01)
-    assert estimate_workers(io, cfg, BOUNDS).needed == 1
-    # More CPUs than the contention calls for: the aim stops at the rates x (1 + loop cores).
-    wide = Bounds(usable_cpus=16, max_workers=64, ram_budget_bytes=8 * GIB)
-    assert estimate_workers(m, cfg, wide).needed == 3
 
 
 def test_jpeg_conv_net_trial_goes_to_the_usable_cpus_not_one_worker():
@@ -506,49 +281,14 @@ def test_short_epochs_switch_to_persistent_workers_on_a_short_start_up():
     # Short epochs (issue 13): a 0.1 s fork start-up on 0.25 s epochs is 29% of the job.
     cfg = LoaderConfig(num_workers=9, batch_size=16)
     c = _controller(cfg)
-    c.note_startup(0.1, 0.25)
+    c.costs.note_startup(0.1, 0.25)
     m = metrics()
     d = c.decide(m, diagnose(m, cfg), now_s=1.0)
     assert d.action == "change" and d.config.persistent_workers and d.config.num_workers == 9
     # A wait's noise (10 ms) on short epochs is not start-up.
     quiet = _controller(cfg)
-    quiet.note_startup(0.01, 0.25)
+    quiet.costs.note_startup(0.01, 0.25)
     assert quiet.decide(m, diagnose(m, cfg), now_s=1.0).action != "change" or not quiet.config.persistent_workers
-
-
-def test_window_noise_starts_at_its_prior_and_learns_the_spread_between_windows():
-    from loadertune.controller import WindowNoise, _sample
-
-    noise = WindowNoise(0.02)
-    assert noise.variance() == pytest.approx(0.02**2)
-    assert noise.stderr([]) == math.inf
-    # Windows of one configuration 10% apart, each with no noise of its own: the pooled spread
-    # rises well above the 2% prior.
-    windows = [_sample(metrics(samples_per_s=r, rate_rel_stderr=0.0)) for r in (1000.0, 1100.0, 1000.0, 1100.0)]
-    noise.learn(windows)
-    assert math.sqrt(noise.variance()) > 0.03
-    one = noise.stderr(windows[:1])
-    assert noise.stderr(windows) < one  # more windows, a tighter mean
-
-
-def test_stable_advice_changes_only_when_two_windows_agree():
-    from loadertune.controller import Recommendation, StableAdvice
-
-    c = LoaderConfig(num_workers=0, batch_size=32)
-
-    def rec(w):
-        new = c.replace(num_workers=w)
-        return Recommendation(config=new, reason="", changes=c.diff(new))
-
-    advice = StableAdvice()
-    first = advice.update(c, rec(8))
-    assert advice.update(c, rec(9)) is first  # within ~20%: the same advice, the same object
-    assert advice.update(c, rec(16)) is first  # one window's different advice may be noise
-    confirmed = advice.update(c, rec(16))
-    assert confirmed is not first and confirmed.config.num_workers == 16
-    # A new configuration starts over at once.
-    moved = c.replace(num_workers=16)
-    assert advice.update(moved, None) is None
 
 
 def test_a_larger_batch_at_low_utilization_is_tried_at_once_not_after_windows_of_measuring():
@@ -563,6 +303,6 @@ def test_a_larger_batch_at_low_utilization_is_tried_at_once_not_after_windows_of
     assert d.action == "change" and d.config.batch_size > 16, d
     # A rebuild stall measured earlier does not veto it: the gain, not the wait, pays for it.
     c2 = Controller(LoaderConfig(batch_size=16), Bounds(usable_cpus=2, max_workers=8), allow_batch_size=True)
-    c2.note_stall(0.5)
+    c2.costs.note_stall(0.5)
     d2 = c2.decide(m, diagnose(m, c2.config), now_s=2.0)
     assert d2.action == "change" and d2.config.batch_size > 16, d2

@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from loadertune.config import LoaderConfig
-from loadertune.controller import Decision, Recommendation
+from loadertune.controller import Decision
 from loadertune.distributed import combine_metrics, pack_metrics, unpack_metrics
 from loadertune.errors import DistributedTimeoutError
 from loadertune.metrics import WindowMetrics
+from loadertune.planning import Recommendation
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from loadertune.config import LoaderConfig
-from loadertune.controller import Bounds, Controller
+from loadertune.controller import Controller
 from loadertune.ledger import CostMeter, RunRates, Warmup
+from loadertune.planning import Bounds
 from loadertune.timer import LoopTimer
 from tests._factories import metrics
 
@@ -46,8 +47,8 @@ def test_a_rebuilds_stall_and_the_workers_startup_reach_the_controller() -> None
     assert controller.costs.stall_s == pytest.approx(0.87, abs=1e-6)
     # Not persistent: every epoch starts those workers again (2 s of 100 batches at 50/s).
     assert out["epoch_s"] == pytest.approx(2.0)
-    assert controller.startup_share() == pytest.approx(0.87 / 2.87)
+    assert controller.costs.startup_share() == pytest.approx(0.87 / 2.87)
     job = meter.job_metrics(m, config)
-    assert job.samples_per_s == pytest.approx(m.samples_per_s * (1 - controller.startup_share()))
+    assert job.samples_per_s == pytest.approx(m.samples_per_s * (1 - controller.costs.startup_share()))
     # Persistent workers start once: the steady rate is the job's.
     assert meter.job_metrics(m, config.replace(persistent_workers=True)) is m

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 
 import loadertune
 from loadertune.config import LoaderConfig
-from loadertune.controller import Bounds, plan
 from loadertune.diagnosis import Diagnosis
 from loadertune.memory import MemoryTrend, fit_slope, probe_limit, workers_within
 from loadertune.metrics import WindowMetrics
+from loadertune.planning import Bounds, plan
 from loadertune.sources.host import HostSource
 
 MiB = 2**20
@@ -166,6 +166,15 @@ def _run(mode: str, budget_above_start_mib: float, caplog):
     return [e for e in events if e.kind == "memory"], budget, peak, end, events
 
 
+def _story(events, budget) -> str:
+    """What the run did, for a failure message."""
+    lines = [f"budget {budget / MiB:.0f} MiB"]
+    for e in events:
+        data = {k: v for k, v in e.data.items() if k in ("action", "reason", "diagnosis", "after", "forecast")}
+        lines.append(f"{e.kind} step {e.step}: {data}")
+    return "\n".join(lines)
+
+
 @pytest.mark.timeout(60)
 def test_copy_on_read_forecast_within_25_percent(caplog):
     memory, budget, _peak, end, _events = _run("recommend", 30, caplog)
@@ -181,7 +190,7 @@ def test_copy_on_read_forecast_within_25_percent(caplog):
 @pytest.mark.timeout(60)
 def test_apply_steps_down_before_the_budget_is_crossed(caplog):
     memory, budget, _peak, _end, events = _run("apply", 30, caplog)
-    assert memory and memory[0].data["action"] == "step_down"
+    assert memory and memory[0].data["action"] == "step_down", _story(events, budget)
     assert memory[0].data["forecast"]["now_bytes"] < budget
     changes = [e for e in events if e.kind == "change" and "memory is predicted" in e.data["reason"]]
     assert changes and changes[0].data["after"]["num_workers"] < 2

@@ -16,9 +16,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from loadertune import shm
 from loadertune.config import LoaderConfig
-from loadertune.controller import Decision, Recommendation
+from loadertune.controller import Decision
 from loadertune.pipeline import LoaderPipeline
+from loadertune.planning import Recommendation
 from loadertune.shm import SHM_HELD_BATCHES, SHM_MARGIN
 from tests._factories import Indexed, NoShard, flat, quiet, rest
 
@@ -56,12 +58,9 @@ def test_shm_room_counts_free_space_and_our_own_batches(tmp_path, monkeypatch):
     assert total == 64 * MIB
     assert room == int(SHM_MARGIN * 64 * MIB // batch) - SHM_HELD_BATCHES == 2
     # 6 workers x prefetch 2 (what apply mode once jumped to) is cut to 2 x 1.
-    assert pipeline.shm_fit(LoaderConfig(num_workers=6, prefetch_factor=2, batch_size=32)).describe() == (
+    assert shm.fit(LoaderConfig(num_workers=6, prefetch_factor=2, batch_size=32), room).describe() == (
         LoaderConfig(num_workers=2, prefetch_factor=1, batch_size=32).describe()
     )
-    # Fewer workers than room: the prefetch shrinks first; no room at all: no workers, no shm.
-    assert pipeline.shm_fit(LoaderConfig(num_workers=1, prefetch_factor=4), room=2).prefetch_factor == 2
-    assert pipeline.shm_fit(LoaderConfig(num_workers=3), room=0).num_workers == 0
     # Unknown batch bytes: no bound yet (the first batch measures them).
     pipeline.batch_bytes = None
     assert pipeline.shm_room() is None
@@ -259,15 +258,15 @@ def test_a_loader_torch_refuses_raises_and_the_old_one_goes_on(monkeypatch):
     with quiet(DataLoader(Indexed(40), batch_size=4), mode="apply") as t:
         it = iter(t)
         got = flat([next(it)])
-        real = t._pipeline._new_loader
+        import loadertune.pipeline as pipeline_module
 
-        def refuse(stream, config):
+        def refuse(*args, **kwargs):
             raise ValueError("multiprocessing_context can only be used with multi-process loading")
 
-        monkeypatch.setattr(t._pipeline, "_new_loader", refuse)
+        monkeypatch.setattr(pipeline_module, "build_loader", refuse)
         with pytest.raises(Exception, match="multiprocessing_context"):
             t.reconfigure(num_workers=1)
-        monkeypatch.setattr(t._pipeline, "_new_loader", real)
+        monkeypatch.undo()
         assert got + rest(it) == list(range(40))
 
 
@@ -277,15 +276,15 @@ def test_a_loader_that_cannot_start_fails_every_next_instead_of_ending_the_epoch
     with quiet(DataLoader(Indexed(40), batch_size=4)) as t:
         it = iter(t)
         next(it)
-        real = pipeline_module._iterate
+        real = pipeline_module.start_iterator
 
         def broken(loader, *args):
             raise OSError("cannot start workers")
 
-        monkeypatch.setattr(pipeline_module, "_iterate", broken)
+        monkeypatch.setattr(pipeline_module, "start_iterator", broken)
         with pytest.raises(OSError):
             t.reconfigure(num_workers=1)
-        monkeypatch.setattr(pipeline_module, "_iterate", real)
+        monkeypatch.setattr(pipeline_module, "start_iterator", real)
         for _ in range(2):
             with pytest.raises(RuntimeError, match="could not be started"):
                 next(it)
@@ -366,11 +365,11 @@ def test_reconfigure_refuses_a_truthy_string_for_a_flag():
 def test_torch_warnings_come_once_per_run_not_at_every_rebuild() -> None:
     import warnings as _w
 
-    import loadertune.pipeline as pipeline_module
+    import loadertune.building as building_module
     from loadertune.config import LoaderConfig as _Config
     from loadertune.pipeline import LoaderPipeline as _Pipeline
 
-    pipeline_module._WARNED.clear()
+    building_module._WARNED.clear()
     dl = DataLoader(TensorDataset(torch.arange(32)), batch_size=4, pin_memory=True)
     cfg = _Config.from_loader(dl)
     p = _Pipeline(dl, dataset=dl.dataset, config=cfg)

@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_BATCH_SIZE", "SweepOutcome", "loader_factory", "measure_poin
 DEFAULT_BATCH_SIZE = 32
 #: torch's ``prefetch_factor`` when a loader has workers and sets none.
 TORCH_PREFETCH_FACTOR = 2
-_TORCH_WORKER_WARNING = "This DataLoader will create"
+
 #: Seconds between two looks at a point's statistics (and progress redraws).
 _CHECK_INTERVAL_S = 0.1
 
@@ -52,6 +52,8 @@ def loader_factory(
     """
     import torch
     from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+    from loadertune.building import TORCH_WORKER_WARNING
 
     src = target.loader
     dataset = target.dataset
@@ -106,7 +108,7 @@ def loader_factory(
         extra = {"prefetch_factor": prefetch, "persistent_workers": True} if num_workers > 0 else {}
         with warnings.catch_warnings():
             # torch warns past its suggested worker count; the sweep goes there on purpose.
-            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+            warnings.filterwarnings("ignore", message=TORCH_WORKER_WARNING)
             return DataLoader(dataset, num_workers=num_workers, **batching, **common, **extra)
 
     return make, bs, prefetch
@@ -208,6 +210,8 @@ def measure_point(
     """
     import psutil
 
+    from loadertune.building import TORCH_WORKER_WARNING
+
     # Without automatic batching (batch_size=None) each item the loader yields is one sample.
     per_item = loader.batch_sampler is None
     block = sweep.block_size(num_workers)
@@ -225,7 +229,7 @@ def measure_point(
     try:
         with warnings.catch_warnings(), _sigint_deferred():
             # torch warns past its suggested worker count; the sweep goes there on purpose.
-            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING)
+            warnings.filterwarnings("ignore", message=TORCH_WORKER_WARNING)
             it = iter(loader)
         seen = epoch_batches = 0
         last: float | None = None

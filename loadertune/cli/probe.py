@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _worker_cap(facts: dict[str, Any]) -> int:
-    from loadertune.controller import default_max_workers
+    from loadertune.planning import default_max_workers
 
     return default_max_workers(facts["cpu"].get("usable") or 1)
 

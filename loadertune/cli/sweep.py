@@ -187,7 +187,7 @@ def default_workers(cap: int) -> tuple[int, ...]:
     """The worker counts tried without ``--workers``: 0, 1, 2, 4, 6, 8, 12, 16, ... up to ``cap``.
 
     Args:
-        cap: The largest count to try (``loadertune.controller.default_max_workers`` of the
+        cap: The largest count to try (``loadertune.planning.default_max_workers`` of the
             usable CPUs: latency-bound loads keep scaling past the core count).
     """
     counts = [w for w in _LADDER if w <= cap]

@@ -44,11 +44,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from loadertune.config import LoaderConfig
-from loadertune.controller import Decision, Recommendation
+from loadertune.controller import Decision
 from loadertune.diagnosis import Diagnosis
 from loadertune.events import Event
 from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, TuneOptions
+from loadertune.planning import Recommendation
 from loadertune.session import TuningSession, model_environment
 
 __all__ = ["LoadertuneCallback"]

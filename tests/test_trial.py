@@ -1,0 +1,65 @@
+"""The keep-or-revert test: compare_windows, WindowNoise and Trial."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from _factories import metrics
+
+from loadertune.config import LoaderConfig
+from loadertune.trial import Trial, WindowNoise, WindowSample, compare_windows, window_sample
+
+
+def test_a_cheaper_change_within_the_band_is_kept_and_a_costlier_one_reverted():
+    def side(rate, n=6):
+        return [WindowSample(math.log(rate), rate, 1e-6, 100) for _ in range(n)]
+
+    kw = dict(tie_band=0.03, between_var=0.0, z=1.645)
+    # -2% for fewer workers: a tie, the cheaper wins; +2% for more workers: a tie, reverted.
+    assert compare_windows(side(100), side(98), cheaper=True, **kw).verdict == "keep"
+    assert compare_windows(side(100), side(102), cheaper=False, **kw).verdict == "revert"
+    assert compare_windows(side(100), side(105), cheaper=False, **kw).verdict == "keep"
+    assert compare_windows(side(100), side(95), cheaper=True, **kw).verdict == "revert"
+    # One window each with realistic spread between windows: undecided.
+    noisy = dict(kw, between_var=0.03**2)
+    assert compare_windows(side(100, 1), side(105, 1), cheaper=False, **noisy).verdict == "undecided"
+
+
+def test_window_noise_starts_at_its_prior_and_learns_the_spread_between_windows():
+    noise = WindowNoise(0.02)
+    assert noise.variance() == pytest.approx(0.02**2)
+    assert noise.stderr([]) == math.inf
+    # Windows of one configuration 10% apart, each with no noise of its own: the pooled spread
+    # rises well above the 2% prior.
+    windows = [window_sample(metrics(samples_per_s=r, rate_rel_stderr=0.0)) for r in (1000.0, 1100.0, 1000.0, 1100.0)]
+    noise.learn(windows)
+    assert math.sqrt(noise.variance()) > 0.03
+    one = noise.stderr(windows[:1])
+    assert noise.stderr(windows) < one  # more windows, a tighter mean
+
+
+def _windows(rate, n):
+    return [window_sample(metrics(samples_per_s=rate, rate_rel_stderr=0.001)) for _ in range(n)]
+
+
+def test_a_trial_keeps_a_clear_gain_and_measures_a_close_call_until_its_windows_run_out():
+    noise = WindowNoise(0.02)
+    cfg = LoaderConfig(num_workers=2, batch_size=32)
+    clear = Trial(cfg, _windows(1000.0, 6), lr_factor=None, cheaper=False)
+    verdict, cmp = clear.judge(window_sample(metrics(samples_per_s=1500.0)), noise=noise, tie_band=0.03, z=2.0, max_windows=4)
+    assert verdict == "keep" and cmp is not None and cmp.gain == pytest.approx(0.5, rel=0.01)
+    assert "over 6+1 windows, bar +3%" in cmp.describe()
+    close = Trial(cfg, _windows(1000.0, 2), lr_factor=None, cheaper=False)
+    verdicts = [close.judge(w, noise=noise, tie_band=0.03, z=2.0, max_windows=3)[0] for w in _windows(1040.0, 3)]
+    # +4% against a +3% bar is within the noise: measured again, then the estimate decides.
+    assert verdicts == ["measure", "measure", "keep"]
+
+
+def test_a_window_without_batches_is_measured_again_and_no_before_keeps():
+    noise = WindowNoise(0.02)
+    cfg = LoaderConfig(num_workers=2, batch_size=32)
+    trial = Trial(cfg, _windows(1000.0, 2), lr_factor=None, cheaper=False)
+    assert trial.judge(None, noise=noise, tie_band=0.03, z=2.0, max_windows=3) == ("measure", None)
+    blind = Trial(cfg, [], lr_factor=None, cheaper=False)
+    assert blind.judge(_windows(900.0, 1)[0], noise=noise, tie_band=0.03, z=2.0, max_windows=3) == ("keep", None)
