@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from loadertune.config import LoaderConfig
-from loadertune.controller import Bounds, Controller
+from loadertune.controller import Controller
 from loadertune.diagnosis import Diagnosis, diagnose
 from loadertune.metrics import compute_metrics
+from loadertune.planning import Bounds
 from loadertune.timer import LoopTimer
 
 __all__ = ["GAINS", "REGIMES", "Noise", "Regime", "TrialResult", "accuracy_table", "main", "run_trial", "to_markdown"]
