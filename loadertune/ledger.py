@@ -84,7 +84,7 @@ class CostMeter:
         each epoch pays while they are not persistent."""
         out: dict[str, Any] = {}
         key = (config.num_workers, config.persistent_workers)
-        if warm is not None and metrics.batches_per_s > 0 and loop.start_s >= warm.t0:
+        if warm is not None and warm.priced and metrics.batches_per_s > 0 and loop.start_s >= warm.t0:
             # From the decision to this window's first batch, less what the warm-up batches
             # (and the deciding batch's step) take at the pace measured now.
             stall = max(0.0, loop.start_s - warm.t0 - (warm.batches + 1) / metrics.batches_per_s)
@@ -126,14 +126,16 @@ class CostMeter:
 
 
 class Warmup:
-    """The warm-up after a rebuild: from when (the decision), how many batches, at which step."""
+    """The warm-up after a rebuild (or the run's start): from when (the decision), how many
+    batches, at which step; ``priced`` when its stall is a change's cost to measure."""
 
-    __slots__ = ("batches", "extended", "new_workers", "reopened", "step", "t0")
+    __slots__ = ("batches", "extended", "new_workers", "priced", "reopened", "step", "t0")
 
-    def __init__(self, t0: float, batches: int, step: int) -> None:
+    def __init__(self, t0: float, batches: int, step: int, *, priced: bool = True) -> None:
         self.t0 = t0
         self.batches = batches
         self.step = step
+        self.priced = priced
         self.reopened = False
         self.extended = False
         self.new_workers = True

@@ -148,7 +148,7 @@ class Observation:
                 return
             if self.session is None:
                 self._start_session()
-            self.session.epoch_started(step=self.step)
+            self.session.epoch_started(step=self.step, config=self.config)
         except Exception as exc:
             self.fail(exc)
 

@@ -186,13 +186,29 @@ class TuningSession:
             return self.close_window(now_s=returned_s, step=step, epoch=epoch, config=config, batch=batch)
         return None
 
-    def epoch_started(self, now_s: float | None = None, step: int = 0) -> None:
-        """Marks the next batch as an epoch's first; opens the first window if none is open."""
+    def epoch_started(self, now_s: float | None = None, step: int = 0, config: LoaderConfig | None = None) -> None:
+        """Marks the next batch as an epoch's first; opens the first window if none is open.
+
+        Args:
+            now_s: ``time.perf_counter()`` now (read when None).
+            step: Batches consumed so far.
+            config: The configuration the epoch starts with. With workers, the run's first
+                batches measure their start-up and the backlog they prefetch, not the pace:
+                the first window leaves them out, as it does after a rebuild.
+        """
         self.timer.epoch_started()
         now = now_s if now_s is not None else time.perf_counter()
         self.costs.epoch_started(now, step)
-        if not self.schedule.started:
-            self.schedule.open(now, step)
+        if self.schedule.started:
+            return
+        self.schedule.open(now, step)
+        workers = config.num_workers if config is not None else 0
+        if workers > 0:
+            batches = max(2, workers * (config.prefetch_factor or 2))
+            # Under torch.distributed the window still closes at the same step on every rank
+            # (ranks may start different workers): only this rank's timer leaves them out.
+            self._warm = Warmup(now, batches, step, priced=False)
+            self.timer.discard(batches)
 
     def note_batch(self, batch: Any) -> None:
         """Measures a batch's bytes: what one batch in flight holds in /dev/shm."""

@@ -282,7 +282,7 @@ class TunedLoader:
             self._follower.epoch_started(self.step)
         self._epochs_started += 1
         self._actuator.note_workers()
-        self._session.epoch_started(step=self.step)
+        self._session.epoch_started(step=self.step, config=self.config)
         # Each iter() supersedes the iterators before it: loadertune owns the epoch's sample
         # stream, so two live iterators would split one epoch between them without a word.
         self._generation += 1

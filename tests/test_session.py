@@ -252,3 +252,31 @@ def test_the_diagnosis_sees_the_batch_bytes(monkeypatch: pytest.MonkeyPatch) -> 
         session.close(step=4, epoch=0, epochs=1, config=config)
     assert session.environment.batch_bytes == 4 * MIB
     assert session.diagnosis is not None and session.diagnosis.kind == "memory_bound", session.diagnosis
+
+
+def _first_window(config: LoaderConfig | None) -> dict[str, Any]:
+    """The first window's metrics of a run whose first 4 batches come slowly (workers starting),
+    then one every 10 ms; ``config`` is what the front end says the epoch starts with."""
+    events: list[Any] = []
+    opts = TuneOptions(gpu=None, host=None, window_s=0.2, min_window_batches=5, sinks=(events.append,))
+    running = LoaderConfig(num_workers=2, batch_size=8, prefetch_factor=2)
+    session = TuningSession(opts, running, batch_resizable=True)
+    try:
+        session.epoch_started(0.0, 0, config)
+        t = 0.0
+        for step in range(1, 40):
+            wait = 0.3 if step <= 4 else 0.001
+            session.record(t, t + wait, 8, None, step=step, epoch=0, config=running)
+            t += wait + 0.009
+    finally:
+        session.close(step=39, epoch=0, epochs=1, config=running)
+    return next(e for e in events if e.kind == "window").data["metrics"]
+
+
+def test_the_runs_first_window_leaves_the_workers_start_up_out() -> None:
+    # Told the epoch starts 2 workers x prefetch 2: the first window is the steady 10 ms pace.
+    steady = _first_window(LoaderConfig(num_workers=2, batch_size=8, prefetch_factor=2))
+    assert steady["wait_share"] < 0.2 and steady["batches_per_s"] > 80
+    # Not told: the start-up reads as waiting (what a decision on it would take for the pace).
+    polluted = _first_window(None)
+    assert polluted["wait_share"] > 0.5

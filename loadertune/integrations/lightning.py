@@ -298,7 +298,7 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
         if self._can_apply and trainer.current_epoch > 0:
             self._apply_at_boundary(trainer)
         now = time.perf_counter()
-        self._session.epoch_started(now, self._batches)
+        self._session.epoch_started(now, self._batches, self.config)
         self._last_end = now
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -366,7 +366,7 @@ class LoadertuneCallback(*_callback_bases()):  # type: ignore[misc]
                 epoch=trainer.current_epoch,
             )
         now = time.perf_counter()
-        self._val.epoch_started(now, self._val_batches)
+        self._val.epoch_started(now, self._val_batches, self._val_config)
         self._val_last_end = now
 
     def on_validation_batch_start(
