@@ -84,17 +84,18 @@ class CostMeter:
         each epoch pays while they are not persistent."""
         out: dict[str, Any] = {}
         key = (config.num_workers, config.persistent_workers)
-        if warm is not None and warm.priced and metrics.batches_per_s > 0 and loop.start_s >= warm.t0:
-            # From the decision to this window's first batch, less what the warm-up batches
-            # (and the deciding batch's step) take at the pace measured now.
+        if warm is not None and metrics.batches_per_s > 0 and loop.start_s >= warm.t0:
+            # From the decision (or the run's start) to this window's first batch, less what
+            # the warm-up batches (and the deciding batch's step) take at the pace measured now.
             stall = max(0.0, loop.start_s - warm.t0 - (warm.batches + 1) / metrics.batches_per_s)
-            self.last_stall_s = stall
-            out["stall_s"] = round(stall, 4)
-            if warm.new_workers:
-                self._controller.costs.note_stall(stall)
-                if config.num_workers > 0 and not config.persistent_workers:
-                    # Every epoch starts these workers again.
-                    self._startup[key] = stall
+            if warm.priced:
+                self.last_stall_s = stall
+                out["stall_s"] = round(stall, 4)
+                if warm.new_workers:
+                    self._controller.costs.note_stall(stall)
+            if warm.new_workers and config.num_workers > 0 and not config.persistent_workers:
+                # Every epoch starts these workers again (the run's start measures it too).
+                self._startup[key] = stall
         if metrics.epoch_start_wait_s is not None and config.num_workers > 0:
             self._startup[key] = max(0.0, metrics.epoch_start_wait_s - metrics.wait_s_per_batch)
         startup = self._startup.get(key) if config.num_workers > 0 and not config.persistent_workers else None

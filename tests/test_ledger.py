@@ -52,3 +52,17 @@ def test_a_rebuilds_stall_and_the_workers_startup_reach_the_controller() -> None
     assert job.samples_per_s == pytest.approx(m.samples_per_s * (1 - controller.costs.startup_share()))
     # Persistent workers start once: the steady rate is the job's.
     assert meter.job_metrics(m, config.replace(persistent_workers=True)) is m
+
+
+def test_the_runs_start_up_is_measured_as_every_epochs_cost_not_as_a_rebuild_stall() -> None:
+    config = LoaderConfig(num_workers=4, batch_size=8)
+    controller = Controller(config, Bounds(usable_cpus=2, max_workers=8))
+    meter = CostMeter(controller)
+    meter.epoch_started(0.0, 0)
+    meter.epoch_started(10.0, 100)
+    # The run started at t=10 with 4 workers: 8 warm-up batches, the first counted at t=11.
+    loop = _loop(20, 8, 0.02, start=11.0)
+    out = meter.measure(Warmup(10.0, 8, 100, priced=False), loop, metrics(batches_per_s=50.0), config, now_s=12.0)
+    assert "stall_s" not in out and meter.last_stall_s is None and controller.costs.stall_s is None
+    # First counted batch requested at t=11.01, less 9 batches at 50/s: 0.83 s each epoch pays.
+    assert out["startup_s"] == pytest.approx(1.01 - 9 / 50.0, abs=1e-6)
