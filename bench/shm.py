@@ -87,8 +87,9 @@ def table(samples: int, pause_s: float, script: str) -> tuple[list[tuple[str, di
     best = max((r["samples_per_s"] for name, r in rows if name.startswith("static") and r["status"] == "ok"), default=0.0)
     print(f"{'run':36} {'samples/s':>10} {'of best':>8}  status / final config")
     for name, r in rows:
-        share = r["samples_per_s"] / best if best else 0.0
-        print(f"{name:36} {r['samples_per_s']:10.0f} {share:8.0%}  {r['status']}" + (f" / {r['final']}" if r["final"] else ""))
+        # A crashed run's rate is up to its crash: no share of a job it did not finish.
+        share = f"{r['samples_per_s'] / best:8.0%}" if best and r["status"] == "ok" else f"{'-':>8}"
+        print(f"{name:36} {r['samples_per_s']:10.0f} {share}  {r['status']}" + (f" / {r['final']}" if r["final"] else ""))
     apply = rows[-1][1]
     ok = bool(apply["status"] == "ok" and best and apply["samples_per_s"] >= 0.8 * best)
     print(f"apply mode: {'PASS' if ok else 'MISS'} (no crash, >= 80% of the best static that does not crash)")
