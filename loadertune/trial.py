@@ -28,6 +28,8 @@ __all__ = [
 
 # Windows' worth of evidence behind the prior between-window spread.
 _PRIOR_DOF = 4
+# Windows after a change before it may be reverted.
+_MIN_REVERT_WINDOWS = 2
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,9 @@ class Trial:
         Returns:
             The verdict ("measure": not yet clear, measure another window) and the comparison
             it stands on (None while either side has no window: with nothing to compare
-            against the change is kept, a window without batches is measured again). After
-            ``max_windows`` the estimate decides alone; within the band the cheaper wins.
+            against the change is kept, a window without batches is measured again). A revert
+            needs two windows after the change; after ``max_windows`` the estimate decides
+            alone, and within the band the cheaper configuration wins.
         """
         if sample is not None:
             self.after.append(sample)
@@ -249,6 +252,11 @@ class Trial:
             z=z,
             revert_cost=revert_cost,
         )
+        if cmp.verdict == "revert" and len(self.after) < min(_MIN_REVERT_WINDOWS, max_windows):
+            # One window never reverts: the first after a rebuild can be an outlier (a burst
+            # from another process, workers still warming), and a revert caps that setting for
+            # the rest of the run.
+            return "measure", cmp
         if cmp.verdict != "undecided":
             return cmp.verdict, cmp
         if len(self.after) < max_windows:

@@ -63,3 +63,20 @@ def test_a_window_without_batches_is_measured_again_and_no_before_keeps():
     assert trial.judge(None, noise=noise, tie_band=0.03, z=2.0, max_windows=3) == ("measure", None)
     blind = Trial(cfg, [], lr_factor=None, cheaper=False)
     assert blind.judge(_windows(900.0, 1)[0], noise=noise, tie_band=0.03, z=2.0, max_windows=3) == ("keep", None)
+
+
+def test_one_window_never_reverts_a_change():
+    # The first window after a rebuild reads 30% slow (an outlier: a burst from another process):
+    # not enough to revert, and cap, a change; a second window decides.
+    noise = WindowNoise(0.02)
+    trial = Trial(LoaderConfig(num_workers=0, batch_size=32), _windows(1000.0, 3), lr_factor=None, cheaper=False)
+    kw = dict(noise=noise, tie_band=0.03, z=2.0, max_windows=24)
+    verdict, cmp = trial.judge(_windows(700.0, 1)[0], **kw)
+    assert verdict == "measure" and cmp is not None and cmp.verdict == "revert"
+    assert trial.judge(_windows(700.0, 1)[0], **kw)[0] == "revert", "a second slow window reverts"
+    recovered = Trial(LoaderConfig(num_workers=0, batch_size=32), _windows(1000.0, 3), lr_factor=None, cheaper=False)
+    recovered.judge(_windows(700.0, 1)[0], **kw)
+    assert recovered.judge(_windows(1500.0, 1)[0], **kw)[0] != "revert"
+    # Allowed a single window at most, the estimate decides at once.
+    single = Trial(LoaderConfig(num_workers=0, batch_size=32), _windows(1000.0, 3), lr_factor=None, cheaper=False)
+    assert single.judge(_windows(700.0, 1)[0], **dict(kw, max_windows=1))[0] == "revert"
