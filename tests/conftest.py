@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 
 import psutil
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a shell without job control (`cmd &` in a script,
+    # nohup) inherits SIGINT ignored, and every process it starts would too: the tests that
+    # interrupt a job would then see it finish untouched. Restore Python's default handler, so
+    # that the processes the tests start get SIGINT's default action.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
