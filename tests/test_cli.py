@@ -343,6 +343,20 @@ def test_demo_speeds_up_the_loader(demo_run):
     assert doc["after_samples_per_s"] <= 1.1 * DEMO_BATCH / (DEMO_STEP_MS / 1000)
 
 
+def test_a_probes_ctrl_c_is_taken_between_batches_and_a_second_one_at_once():
+    import signal
+
+    from loadertune.cli.measure import _sigint_between_batches
+
+    before = signal.getsignal(signal.SIGINT)
+    with _sigint_between_batches() as pressed:
+        signal.raise_signal(signal.SIGINT)  # arrives while torch hands over a batch: only noted
+        assert pressed == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # pressed again: the user is not held
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_report_on_the_demo_log(demo_run):
     _, log = demo_run
     r = loadertune("report", str(log))

@@ -227,62 +227,69 @@ def measure_point(
     start = clock()
     it: Any = None
     try:
-        with warnings.catch_warnings(), _sigint_deferred():
-            # torch warns past its suggested worker count; the sweep goes there on purpose.
-            warnings.filterwarnings("ignore", message=TORCH_WORKER_WARNING)
-            it = iter(loader)
-        seen = epoch_batches = 0
-        last: float | None = None
-        next_check = start
-        show(f"num_workers={num_workers}: starting")
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                if epoch_batches == 0:
-                    raise UsageError(
-                        "the loader yields no batch at all (an empty dataset, or drop_last with "
-                        "fewer samples than one batch); give it data or a smaller --batch-size"
-                    ) from None
-                # A short epoch: start the next (persistent workers stay up). The wait across
-                # the boundary is the pipeline refilling, not the loader's pace: not counted.
+        with _sigint_between_batches() as pressed:
+            with warnings.catch_warnings(), _sigint_deferred():
+                # torch warns past its suggested worker count; the sweep goes there on purpose.
+                warnings.filterwarnings("ignore", message=TORCH_WORKER_WARNING)
                 it = iter(loader)
-                epoch_batches, last = 0, None
-                continue
-            now = clock()
-            seen += 1
-            epoch_batches += 1
-            if batch_bytes is None:
-                batch_bytes = _nbytes(batch)
-            if last is not None:
-                intervals.append(now - last)
-                measured_s += now - last
-                samples += 1 if per_item else _batch_len(batch)
-            if seen >= warm:
-                if last is None and not intervals:
-                    warmup_s = now - start
-                last = now
-            if now < next_check:
-                continue
-            # The statistics walk every interval: a few times a second is enough, and a fast
-            # loader's rate is not dragged down by the bookkeeping.
-            next_check = now + _CHECK_INTERVAL_S
-            err = sweep.rel_stderr(intervals, block)
-            rate = samples / measured_s if measured_s > 0 else None
-            show(
-                f"num_workers={num_workers}: "
-                + (
-                    "warming up"
-                    if rate is None
-                    else f"{out.fmt_rate(rate)} samples/s"
-                    + (f" ±{100 * err:.1f}%" if err is not None else "")
-                    + f" ({len(intervals)} batches)"
+            seen = epoch_batches = 0
+            last: float | None = None
+            next_check = start
+            show(f"num_workers={num_workers}: starting")
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    if pressed:
+                        raise KeyboardInterrupt from None
+                    if epoch_batches == 0:
+                        raise UsageError(
+                            "the loader yields no batch at all (an empty dataset, or drop_last with "
+                            "fewer samples than one batch); give it data or a smaller --batch-size"
+                        ) from None
+                    # A short epoch: start the next (persistent workers stay up). The wait across
+                    # the boundary is the pipeline refilling, not the loader's pace: not counted.
+                    it = iter(loader)
+                    epoch_batches, last = 0, None
+                    continue
+                if pressed:
+                    # Ctrl-C, taken between batches: never inside torch's hand-over of a batch,
+                    # where it would break a worker's connection mid-transfer.
+                    raise KeyboardInterrupt
+                now = clock()
+                seen += 1
+                epoch_batches += 1
+                if batch_bytes is None:
+                    batch_bytes = _nbytes(batch)
+                if last is not None:
+                    intervals.append(now - last)
+                    measured_s += now - last
+                    samples += 1 if per_item else _batch_len(batch)
+                if seen >= warm:
+                    if last is None and not intervals:
+                        warmup_s = now - start
+                    last = now
+                if now < next_check:
+                    continue
+                # The statistics walk every interval: a few times a second is enough, and a fast
+                # loader's rate is not dragged down by the bookkeeping.
+                next_check = now + _CHECK_INTERVAL_S
+                err = sweep.rel_stderr(intervals, block)
+                rate = samples / measured_s if measured_s > 0 else None
+                show(
+                    f"num_workers={num_workers}: "
+                    + (
+                        "warming up"
+                        if rate is None
+                        else f"{out.fmt_rate(rate)} samples/s"
+                        + (f" ±{100 * err:.1f}%" if err is not None else "")
+                        + f" ({len(intervals)} batches)"
+                    )
                 )
-            )
-            done = sweep.point_done(intervals, block, measured_s, now - start, budget_s)
-            if done is not None:
-                stopped = done
-                break
+                done = sweep.point_done(intervals, block, measured_s, now - start, budget_s)
+                if done is not None:
+                    stopped = done
+                    break
         mem = _worker_mem_bytes(it, num_workers)
     except KeyboardInterrupt:
         partial = None
@@ -341,6 +348,31 @@ def _shutdown(it: Any, loader: Any) -> None:
                 shutdown()
         if getattr(loader, "_iterator", None) is not None:
             loader._iterator = None
+
+
+@contextlib.contextmanager
+def _sigint_between_batches() -> Iterator[list[int]]:
+    """Takes Ctrl-C as a request the measuring loop honours at the next batch; a second Ctrl-C
+    raises at once (a batch that never comes must not hold the user).
+
+    A KeyboardInterrupt raised while torch receives a batch from a worker breaks the worker's
+    side of the file-descriptor hand-over, and the worker prints multiprocessing's traceback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    pressed: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 @contextlib.contextmanager
