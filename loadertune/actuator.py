@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import torch
@@ -22,11 +23,16 @@ from loadertune.controller import Decision
 from loadertune.faults import WORKER_DIED, SampleCrashError, worker_death
 from loadertune.follower import BatchFollower
 from loadertune.pipeline import LoaderPipeline
+from loadertune.prestart import slow_start_method
 from loadertune.session import TuningSession
 
 __all__ = ["Actuator"]
 
 logger = logging.getLogger("loadertune")
+
+#: Changes the tuner decided (they may wait for workers starting in the background); faults,
+#: limits and ``reconfigure`` run at once.
+_DECIDED = ("change", "revert", "retune")
 
 
 class Actuator:
@@ -112,6 +118,11 @@ class Actuator:
         **measured: Any,
     ) -> None:
         pipeline = self._pipeline
+        if pipeline.starting is not None:
+            # A later change (a fault, a memory limit, reconfigure) supersedes the one whose
+            # workers are still starting; the running configuration is the "before".
+            pipeline.abort_prestart()
+            self._session.release_windows(time.perf_counter(), self._front.step)
         before = pipeline.pending or self._front.config
         if config == before:
             return
@@ -133,6 +144,12 @@ class Actuator:
             pipeline.switch(config)
             self._front.config = config
             when = "now"
+        elif kind in _DECIDED and pipeline.prestart(config):
+            self._session.hold_windows(time.perf_counter(), self._front.step)
+            when = (
+                f"from step {self._front.step}: the new workers start in the background "
+                f"({slow_start_method(pipeline.loader)}), the current ones serving until they are ready"
+            )
         else:
             try:
                 in_flight = pipeline.rebuild(config, handoff_ok=kind != "fault")
@@ -156,6 +173,61 @@ class Actuator:
             forced=kind == "reconfigure",
             **measured,
         )
+
+    def prestart_at_epoch_end(self) -> None:
+        """The old loader served its epoch out while new workers are still starting. Persistent,
+        it serves the next epoch too and the start goes on. Otherwise its workers would start
+        again for the next epoch anyway: the half-started ones are stopped and the next epoch
+        starts with the new configuration's, as any change between epochs does."""
+        pipeline, front, session = self._pipeline, self._front, self._session
+        starting = pipeline.starting
+        c = pipeline.config
+        if starting is None or (c.persistent_workers and c.num_workers > 0):
+            return
+        pipeline.abort_prestart()
+        pipeline.switch(starting.config)
+        front.config = starting.config
+        session.release_windows(time.perf_counter(), front.step)
+        logger.info(
+            "%sthe epoch ended before the workers of %s had started: the next epoch starts with them",
+            session.log_prefix(),
+            starting.config.describe(),
+        )
+
+    def check_prestart(self, now_s: float) -> None:
+        """Switches to the loader whose workers started in the background once they all have;
+        gives the start up, keeping the running loader, when a new worker died or torch
+        refused."""
+        pipeline, front, session = self._pipeline, self._front, self._session
+        starting = pipeline.starting
+        if starting is None:
+            return
+        state = starting.poll()
+        step = front.step
+        if state is None:
+            session.hold_windows(now_s, step)
+            return
+        if state == "ready":
+            took_s = now_s - starting.started_s
+            in_flight = pipeline.finish_prestart()
+            c = front.config = pipeline.config
+            self.note_workers()
+            session.rebuilt(in_flight + max(2, c.num_workers * (c.prefetch_factor or 2)), step=step)
+            logger.info(
+                "%sswitched to %s at step %d: its workers started in %.1f s while the old ones served",
+                session.log_prefix(),
+                c.describe(),
+                step,
+                took_s,
+            )
+            return
+        wanted = starting.config
+        pipeline.abort_prestart()
+        running = front.config
+        session.controller.note_fault(wanted, running)
+        session.release_windows(now_s, step)
+        session.fault(f"new workers for {wanted.describe()} did not start: {state}", wanted, running, step=step, epoch=front.epoch)
+        self._warn_once("prestart", "loadertune: %s; keeping %s", state, running.describe())
 
     def _bounded(self, config: LoaderConfig, kind: str) -> LoaderConfig:
         """``config`` within what cannot be traded for speed: an IterableDataset not known to

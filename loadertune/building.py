@@ -23,6 +23,7 @@ __all__ = [
     "TORCH_WORKER_WARNING",
     "build_loader",
     "carried_options",
+    "construct_iterator",
     "make_persistent",
     "start_iterator",
     "torch_warnings_once",
@@ -141,6 +142,16 @@ def start_iterator(loader: DataLoader, collective: Any = None) -> Iterator[Any]:
         # the workers it had already started here, or they outlive the run.
         abort_started(exc)
         raise
+
+
+def construct_iterator(loader: DataLoader) -> Iterator[Any]:
+    """torch's multi-process iterator over ``loader`` as ``iter(loader)`` builds it, less the
+    worker-count check (run ``check_worker_number_rationality`` under
+    :func:`torch_warnings_once` first): this runs on a background thread, where catching
+    warnings would catch the training thread's as well. Not kept on a persistent loader."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    return _MultiProcessingDataLoaderIter(loader)
 
 
 def make_persistent(loader: DataLoader, it: Any) -> bool:

@@ -189,6 +189,9 @@ class Controller:
         self.allow_persistent = allow_persistent
         #: What changes cost the job beyond the steady pace (rebuild stalls, worker start-up).
         self.costs = JobCosts(min_horizon_s)
+        #: Workers start slowly (spawn, forkserver; set by the front end in apply mode): a change
+        #: at most doubles them, so a smaller step is ready sooner and measured before the next.
+        self.slow_start = False
 
     @property
     def window_noise(self) -> float:
@@ -253,6 +256,7 @@ class Controller:
             min_gain=2 * self.min_gain,
             known_load_s=self.known_load_s,
             unmeasured_worker_bytes=self.unmeasured_worker_bytes,
+            max_step_workers=max(2, 2 * self.config.num_workers) if self.slow_start else None,
         )
         if rec is None:
             self._converge(metrics)

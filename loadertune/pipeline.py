@@ -4,7 +4,8 @@ loadertune owns the epoch's sample stream (see :mod:`loadertune.stream`) and bui
 DataLoaders on it, so it can replace the loader at any batch boundary without losing or repeating
 a sample. A change of workers hands over: the old loader stops taking indices and drains the
 batches it has in flight while the new workers start. Anything else re-queues the in-flight
-batches in front of the stream.
+batches in front of the stream. Workers that start slowly (spawn, forkserver) are started in the
+background first, the old loader serving meanwhile (see :mod:`loadertune.prestart`).
 
 The per-batch path reads ``src_it`` (the iterator to call ``next`` on) and ``src_issued`` (the
 batches it was handed, oldest first), and nothing else.
@@ -12,6 +13,7 @@ batches it was handed, oldest first), and nothing else.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +22,13 @@ from typing import Any, Literal
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from loadertune import shm
-from loadertune.building import build_loader, make_persistent, start_iterator
+from loadertune.building import (
+    build_loader,
+    construct_iterator,
+    make_persistent,
+    start_iterator,
+    torch_warnings_once,
+)
 from loadertune.config import LoaderConfig
 from loadertune.errors import ReconfigureError
 from loadertune.faults import (
@@ -31,6 +39,7 @@ from loadertune.faults import (
     death_report,
 )
 from loadertune.order import EpochOrder
+from loadertune.prestart import Gate, Prestart, Started, slow_start_method
 from loadertune.shutdown import shutdown_loader
 from loadertune.stream import EpochStream, requeue_issued
 
@@ -113,6 +122,8 @@ class LoaderPipeline:
         self._it: Iterator[Any] | None = None
         self._stream: EpochStream | None = None
         self._drain: _Drain | None = None
+        #: A rebuild's loader whose workers are starting in the background, None when none is.
+        self.starting: Prestart | None = None
         #: Each epoch's order and the RNG states it comes from (an IterableDataset has its own
         #: order: only the built loaders' generator is used).
         self.order = EpochOrder(loader, self.kind, config)
@@ -166,6 +177,10 @@ class LoaderPipeline:
                 sampler = self._inner_sampler()
                 sampler.stream = self._stream
                 sampler.issued.clear()
+            if self.starting is not None:
+                # Carried over from the last epoch (persistent workers serve this one too): the
+                # new loader draws from this epoch's stream once it takes over.
+                self._sampler_of(self.starting.loader).stream = self._stream
             self._it = start_iterator(self._inner, self.collective)
         self._point()
         return switched
@@ -178,6 +193,7 @@ class LoaderPipeline:
         self.src_it = self.src_issued = None
 
     def _discard_epoch(self) -> None:
+        self.abort_prestart()
         self._shutdown_drain()
         if self.config.persistent_workers and self.config.num_workers > 0 and self._inner is not None:
             # torch's _reset drains a persistent iterator's in-flight batches itself.
@@ -271,29 +287,10 @@ class LoaderPipeline:
             self.rebuilds += 1
             return 0
         stream = self._stream
-        in_flight = 0
         # Built (not started) first: a configuration torch refuses raises here, with the old
         # loader still serving the epoch.
         new = self._build(stream, config) if stream is not None else None
-        handoff = (
-            handoff_ok
-            and stream is not None
-            and self._drain is None
-            and self._it is not None
-            and self.config.num_workers > 0
-            and config.batch_size == self.config.batch_size
-            and bool(self.src_issued)
-        )
-        if handoff:
-            sampler = self._inner_sampler()
-            sampler.closed = True
-            in_flight = len(sampler.issued)
-            self._drain = _Drain(self._inner, self._it, sampler.issued)
-            self._inner = self._it = None
-        else:
-            if stream is not None:
-                requeue_issued(stream, self._issued_lists(), flatten=self.kind == "sampler")
-            self._shutdown_inner()
+        in_flight = self._hand_over(config, handoff_ok)
         self.config = config
         self.rebuilds += 1
         if stream is not None:
@@ -309,6 +306,91 @@ class LoaderPipeline:
                 raise
         self._point()
         return in_flight
+
+    def _hand_over(self, config: LoaderConfig, handoff_ok: bool) -> int:
+        """Stops the current loader drawing from the stream: at the same batch size its
+        in-flight batches are delivered first (returns how many), else they go back to the
+        stream and it stops now."""
+        stream = self._stream
+        handoff = (
+            handoff_ok
+            and stream is not None
+            and self._drain is None
+            and self._it is not None
+            and self.config.num_workers > 0
+            and config.batch_size == self.config.batch_size
+            and bool(self.src_issued)
+        )
+        if handoff:
+            sampler = self._inner_sampler()
+            sampler.closed = True
+            self._drain = _Drain(self._inner, self._it, sampler.issued)
+            self._inner = self._it = None
+            return len(sampler.issued)
+        if stream is not None:
+            requeue_issued(stream, self._issued_lists(), flatten=self.kind == "sampler")
+        self._shutdown_inner()
+        return 0
+
+    # -- workers started in the background (spawn, forkserver) ------------------------------------
+    def prestart(self, config: LoaderConfig) -> bool:
+        """Starts the workers of a rebuild at ``config`` in the background while the current
+        loader goes on serving (see :mod:`loadertune.prestart`); False when the rebuild should
+        happen now instead (fast-starting workers, no epoch under way, torch.distributed).
+
+        Raises:
+            ValueError: torch refuses the configuration (nothing changed).
+        """
+        stream, c = self._stream, self.config
+        if (
+            self.starting is not None
+            or stream is None
+            or self._drain is not None
+            or self._it is None
+            or isinstance(self._it, _Failed)
+            or self.collective is not None
+            or config.num_workers == 0
+            or config == c.replace(persistent_workers=True)
+            or slow_start_method(self.loader) is None
+        ):
+            return False
+        ctx = self.loader.multiprocessing_context or multiprocessing.get_context()
+        semaphore = ctx.Semaphore(0)
+        new = self._build(stream, config, worker_init_fn=Started(self.worker_init_fn, semaphore))
+        with torch_warnings_once():
+            new.check_worker_number_rationality()
+        gate = Gate()
+        self._sampler_of(new).gate = gate
+        self.starting = Prestart(new, config, gate, semaphore, construct_iterator)
+        return True
+
+    def finish_prestart(self) -> int:
+        """Switches to the loader whose workers started in the background, at this batch
+        boundary; returns the old loader's batches in flight (delivered first)."""
+        pre, self.starting = self.starting, None
+        if pre is None:
+            raise ReconfigureError("no DataLoader is starting in the background")
+        in_flight = self._hand_over(pre.config, True)
+        self.config = pre.config
+        self.rebuilds += 1
+        self._inner = pre.loader
+        try:
+            it = pre.finish()
+        except BaseException as exc:
+            self._it = _Failed(exc)
+            self._point()
+            raise
+        if pre.loader.persistent_workers:
+            pre.loader._iterator = it  # as iter() keeps a persistent loader's iterator
+        self._it = it
+        self._point()
+        return in_flight
+
+    def abort_prestart(self) -> None:
+        """Abandons workers starting in the background (the current loader goes on)."""
+        pre, self.starting = self.starting, None
+        if pre is not None:
+            pre.abort()
 
     def _keep_alive(self, config: LoaderConfig) -> bool:
         """Turns persistent_workers on for the loader running now, in place, when that is the
@@ -420,7 +502,9 @@ class LoaderPipeline:
         self._stream = None
 
     # -- building ----------------------------------------------------------------------------------
-    def _build(self, stream: EpochStream | None, config: LoaderConfig | None = None) -> DataLoader:
+    def _build(
+        self, stream: EpochStream | None, config: LoaderConfig | None = None, *, worker_init_fn: Any = None
+    ) -> DataLoader:
         return build_loader(
             self.loader,
             self._dataset,
@@ -429,7 +513,7 @@ class LoaderPipeline:
             kind=self.kind,
             drop_last=self.drop_last,
             key=self._key,
-            worker_init_fn=self.worker_init_fn,
+            worker_init_fn=worker_init_fn or self.worker_init_fn,
             generator=self.order.generator,
         )
 
@@ -442,8 +526,10 @@ class LoaderPipeline:
             self.src_issued = None if self._stream is None or self._inner is None else self._inner_sampler().issued
 
     def _inner_sampler(self) -> Any:
-        inner = self._inner
-        return inner.sampler if self.kind == "samples" else inner.batch_sampler
+        return self._sampler_of(self._inner)
+
+    def _sampler_of(self, loader: Any) -> Any:
+        return loader.sampler if self.kind == "samples" else loader.batch_sampler
 
     def _issued_lists(self) -> list[deque[Any]]:
         """Issued-but-undelivered batches of every live loader, oldest loader first."""
@@ -455,6 +541,7 @@ class LoaderPipeline:
         return out
 
     def _shutdown_inner(self) -> None:
+        self.abort_prestart()
         self._shutdown_drain()
         _shutdown(self._inner, self._it)
         self._it = None

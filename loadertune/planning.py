@@ -218,6 +218,7 @@ def plan(
     min_gain: float = 0.1,
     known_load_s: float | None = None,
     unmeasured_worker_bytes: int | None = None,
+    max_step_workers: int | None = None,
 ) -> Recommendation | None:
     """The configuration the measurements call for, or None when nothing should change.
 
@@ -236,6 +237,10 @@ def plan(
         unmeasured_worker_bytes: What one worker could grow to while its memory is not known
             to have settled (None once it has): when the aimed workers of that size could
             exceed the RAM budget, the step goes to a few workers first (issue 15).
+        max_step_workers: Most workers one change may go up to when more are needed (workers
+            that start slowly, spawn or forkserver: each costs seconds of CPU to start, so a
+            smaller step is ready sooner and its measured gain decides the next); None: no
+            such limit.
     """
     kind = diagnosis.kind
     w = config.num_workers
@@ -277,10 +282,16 @@ def plan(
         if target <= w and w < limit:
             # The estimate says enough, yet the loop waits: step past it, gently.
             target = min(limit, w + max(1, w // 4))
+        stepped = max_step_workers is not None and target > max_step_workers > w
+        if stepped:
+            target = max_step_workers
         if target > w:
             new = new.replace(num_workers=target)
             speedup = _speedup(metrics, config, target, estimate)
-            bound = "" if target == estimate.needed else f", capped by {estimate.limited_by}"
+            if stepped:
+                bound = f"; {target} first (workers start slowly here: each change at most doubles them)"
+            else:
+                bound = "" if target == estimate.needed else f", capped by {estimate.limited_by}"
             # The loop could take more than the cap allows: advise "≥ N", not a count that
             # jumps about with each window's estimate above it.
             at_least = estimate.needed > target and target == bounds.max_workers

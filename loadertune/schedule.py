@@ -72,6 +72,12 @@ class WindowSchedule:
             self.deadline_s = now_s + self.window_s
             self.step = start + self.min_batches
 
+    def call_back(self, now_s: float, step: int, after_s: float) -> None:
+        """No window closes for now: the front end is called at the next batch after
+        ``after_s`` instead (to check on workers starting in the background)."""
+        self.deadline_s = now_s + after_s
+        self.step = step + 1
+
     def ready(self, now_s: float, step: int, *, wait_share: float, num_workers: int) -> bool:
         """Whether a due window closes now, or is extended to the full length.
 

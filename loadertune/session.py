@@ -42,6 +42,10 @@ logger = logging.getLogger("loadertune")
 
 # Decisions the front end carries out; the rest are only logged.
 _LOGGED_ACTIONS = ("keep", "retune")
+#: How often workers starting in the background are checked on (seconds; at batch boundaries).
+PRESTART_POLL_S = 0.05
+#: Batches left out of windows while they start: all of them (a switch resets it).
+_HELD = 1 << 62
 
 
 class TuningSession:
@@ -241,6 +245,20 @@ class TuningSession:
         elif collective:
             self.schedule.extend(warmup_batches)
 
+    def hold_windows(self, now_s: float, step: int) -> None:
+        """New workers are starting in the background while the old loader serves: its batches
+        are no window of the new configuration's, so none closes; the front end is called back
+        within ``PRESTART_POLL_S`` to check on them (:meth:`rebuilt` at the switch opens the
+        next window)."""
+        self.rates.add(self.timer.take())
+        self.timer.discard(_HELD)
+        self.schedule.call_back(now_s, step, PRESTART_POLL_S)
+
+    def release_windows(self, now_s: float, step: int) -> None:
+        """Windows go on with the running loader (its background start was abandoned)."""
+        self.timer.discard(0)
+        self.schedule.open(now_s, step)
+
     # -- windows -------------------------------------------------------------------------------------
     def close_window(
         self,
@@ -320,7 +338,7 @@ class TuningSession:
             self._decided = (now_s, step)
             return decision
         if decision.action in _LOGGED_ACTIONS:
-            logger.info("%s%s", self._prefix(), decision.reason)
+            logger.info("%s%s", self.log_prefix(), decision.reason)
             self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
         return None
 
@@ -338,9 +356,9 @@ class TuningSession:
         self._logged_rec = rec
         if rec is None:
             if logged is not None:
-                logger.info("%s%s Keep %s.", self._prefix(), diagnosis.summary, config.describe())
+                logger.info("%s%s Keep %s.", self.log_prefix(), diagnosis.summary, config.describe())
             return
-        logger.info("%s%s Recommend %s.", self._prefix(), diagnosis.summary, rec.describe(self.lr_rule))
+        logger.info("%s%s Recommend %s.", self.log_prefix(), diagnosis.summary, rec.describe(self.lr_rule))
         self.events_log.emit(
             "recommendation",
             step,
@@ -356,7 +374,7 @@ class TuningSession:
             key = re.sub(r"\d+(\.\d+)?", "#", advice)
             if key not in self._advice_logged:
                 self._advice_logged.add(key)
-                logger.warning("%s%s", self._prefix(), advice)
+                logger.warning("%s%s", self.log_prefix(), advice)
 
     # -- changes -------------------------------------------------------------------------------------
     def changed(
@@ -392,7 +410,7 @@ class TuningSession:
                     self.schedule.open(time.perf_counter(), step, warm.batches)
                 else:
                     self.schedule.extend(extra)
-        logger.info("%s%s %s -> %s %s: %s", self._prefix(), kind, before.describe(), after.describe(), when, reason)
+        logger.info("%s%s %s -> %s %s: %s", self.log_prefix(), kind, before.describe(), after.describe(), when, reason)
         self.events_log.emit(
             "change" if kind == "reconfigure" else kind,
             step,
@@ -455,13 +473,14 @@ class TuningSession:
         if self.collective is not None:
             self.collective.close()
         summary = {**self.summary(step=step, epochs=epochs, config=config), **extra}
-        logger.info("%s%s", self._prefix(), summary["text"])
+        logger.info("%s%s", self.log_prefix(), summary["text"])
         self.events_log.emit("summary", step, epoch, **summary)
         self.events_log.close()
         return summary
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _prefix(self) -> str:
+    def log_prefix(self) -> str:
+        """The run's name and a colon before its log lines ("" without a name)."""
         return f"{self.name}: " if self.name else ""
 
 

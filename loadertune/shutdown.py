@@ -23,7 +23,7 @@ import re
 import signal
 from typing import Any
 
-__all__ = ["abort_started", "shutdown_loader"]
+__all__ = ["abort_iterator", "abort_started", "shutdown_loader", "unregister"]
 
 logger = logging.getLogger("loadertune")
 
@@ -75,10 +75,19 @@ def abort_started(exc: BaseException) -> None:
         if frame.f_code.co_name == "__init__" and "DataLoaderIter" in type(frame.f_locals.get("self")).__name__:
             it = frame.f_locals["self"]
         tb = tb.tb_next
-    if it is None:
-        return
+    if it is not None:
+        abort_iterator(it)
+
+
+def abort_iterator(it: Any) -> None:
+    """Stops a multi-process iterator's workers and queues at once, without torch's orderly
+    shutdown (nothing it holds is needed: a half-built iterator, or one never read from).
+
+    Args:
+        it: The iterator (its workers may still be starting).
+    """
     it._shutdown = True  # torch's __del__ must not run its shutdown on a half-built iterator
-    _unregister(it)
+    unregister(it)
     done = getattr(it, "_workers_done_event", None)
     if done is not None:
         done.set()
@@ -97,7 +106,7 @@ def _shutdown_iterator(it: Any) -> None:
     if _utils.python_exit_status is not False:
         shutdown()  # interpreter exit: torch's own no-op, and multiprocessing reaps daemons
         return
-    _unregister(it)
+    unregister(it)
     workers = list(getattr(it, "_workers", None) or [])
     try:
         shutdown()
@@ -172,7 +181,7 @@ def _names_other_workers(exc: BaseException, workers: list[Any]) -> bool:
     return bool(pids - {w.pid for w in workers})
 
 
-def _unregister(it: Any) -> None:
+def unregister(it: Any) -> None:
     """Removes the iterator's workers from torch's SIGCHLD check, as torch would at the end."""
     if not getattr(it, "_worker_pids_set", False):
         return

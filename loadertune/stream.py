@@ -109,6 +109,8 @@ class StreamBatchSampler:
     Attributes:
         issued: Batches handed to the DataLoader and not yet consumed, oldest first.
         closed: Once set, hands out no more batches (the loader drains what it has in flight).
+        gate: Set on a loader whose workers start in the background: its first draw waits
+            there until the switch (see :mod:`loadertune.prestart`).
     """
 
     def __init__(
@@ -120,8 +122,11 @@ class StreamBatchSampler:
         self.key = key
         self.issued: deque[list[Any]] = deque()
         self.closed = False
+        self.gate: Any = None
 
     def __iter__(self) -> Iterator[list[Any]]:
+        if not _through(self):
+            return
         size = self.batch_size
         issued = self.issued
         key = self.key
@@ -148,6 +153,7 @@ class StreamSampler:
     Attributes:
         issued: Items handed out and not yet consumed, oldest first.
         closed: Once set, hands out no more items.
+        gate: As :class:`StreamBatchSampler`'s.
     """
 
     def __init__(self, stream: EpochStream, key: Callable[[Any], Any] | None = None) -> None:
@@ -155,8 +161,11 @@ class StreamSampler:
         self.key = key
         self.issued: deque[Any] = deque()
         self.closed = False
+        self.gate: Any = None
 
     def __iter__(self) -> Iterator[Any]:
+        if not _through(self):
+            return
         issued = self.issued
         key = self.key
         while not self.closed:
@@ -171,3 +180,9 @@ class StreamSampler:
                 yield [key(i) for i in item]
             else:
                 yield key(item)
+
+
+def _through(sampler: StreamBatchSampler | StreamSampler) -> bool:
+    """Waits at the sampler's gate, once; whether it may draw (False: abandoned)."""
+    gate, sampler.gate = sampler.gate, None
+    return gate is None or gate.wait()

@@ -28,6 +28,7 @@ from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, Mode, OnStall, TuneOptions
 from loadertune.pipeline import LoaderPipeline, stream_kind
 from loadertune.planning import Recommendation
+from loadertune.prestart import slow_start_method
 from loadertune.sampler import Sampler
 from loadertune.session import TuningSession, close_at_exit
 
@@ -250,6 +251,8 @@ class TunedLoader:
         self._actuator = Actuator(
             self, self._pipeline, session, self._follower, mode=options.mode, workers_cap=workers_cap
         )
+        # Each spawn/forkserver worker costs seconds to start: apply mode grows them in steps.
+        session.controller.slow_start = options.mode == "apply" and slow_start_method(loader) is not None
         if options.stall_timeout_s is None or math.isfinite(options.stall_timeout_s):
             from loadertune.stall import StallWatch
 
@@ -520,6 +523,10 @@ class TunedLoader:
         self.epoch += 1
 
     def _on_window(self, now: float, batch: Any) -> None:
+        if self._pipeline.starting is not None:
+            # New workers are starting in the background: no window until they serve.
+            self._actuator.check_prestart(now)
+            return
         # A change waiting for the next epoch has not run yet: judging it now would compare the
         # old configuration with itself.
         decision = self._session.close_window(
@@ -611,6 +618,8 @@ class _Epoch:
                 break
             except StopIteration:
                 tl._wait_since = 0.0
+                if pipeline.starting is not None:
+                    tl._actuator.prestart_at_epoch_end()
                 if pipeline.finish_drain() or pipeline.resume_unfinished():
                     # The old loader has handed over all it had in flight (or was cut short with
                     # samples left): on to the new one.

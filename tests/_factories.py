@@ -112,3 +112,21 @@ def conv_net_with_jpeg_decode_at_zero(**kw: Any) -> WindowMetrics:
     )
     base.update(kw)
     return metrics(**base)
+
+
+def hold_while_exists(path: str, worker_id: int) -> None:
+    """A ``worker_init_fn`` (bind ``path`` with functools.partial): a starting worker waits
+    while ``path`` exists, so a test decides when it has started. Picklable for spawn."""
+    import os
+    import time
+
+    while os.path.exists(path):
+        time.sleep(0.01)
+
+
+def exit_if_exists(path: str, worker_id: int) -> None:
+    """A ``worker_init_fn``: a starting worker exits with code 3 when ``path`` exists."""
+    import os
+
+    if os.path.exists(path):
+        os._exit(3)

@@ -18,6 +18,10 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+#: loadertune's threads that must end with the run that started them.
+_THREADS = ("loadertune-sampler", "loadertune-prestart")
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks():
     before_children = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -36,7 +40,8 @@ def _no_leaks():
     for p in leftover:
         p.kill()
     assert not leftover, f"child processes outlived the test: {[p.pid for p in leftover]}"
-    threads = [t for t in threading.enumerate() if t.name == "loadertune-sampler" and t.is_alive()]
+    threads = [t for t in threading.enumerate() if t.name in _THREADS and t.is_alive()]
     for t in threads:
         t.join(timeout=2)
-    assert not [t for t in threads if t.is_alive()], "a loadertune sampler thread outlived the test"
+    alive = sorted({t.name for t in threads if t.is_alive()})
+    assert not alive, f"loadertune threads outlived the test: {alive}"

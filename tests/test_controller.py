@@ -306,3 +306,17 @@ def test_a_larger_batch_at_low_utilization_is_tried_at_once_not_after_windows_of
     c2.costs.note_stall(0.5)
     d2 = c2.decide(m, diagnose(m, c2.config), now_s=2.0)
     assert d2.action == "change" and d2.config.batch_size > 16, d2
+
+
+def test_slowly_starting_workers_double_per_change():
+    c = _controller(LoaderConfig(num_workers=1, batch_size=32))
+    c.slow_start = True
+    m0 = latency_bound_at_zero()
+    d = c.decide(m0, diagnose(m0, c.config), now_s=0.0)
+    assert d.action == "change" and d.config.num_workers == 2
+    # The step was kept and the loop still waits: the next change doubles again.
+    m1 = latency_bound_at_zero(samples_per_s=432.0, batches_per_s=13.5, wait_share=0.6)
+    k = c.decide(m1, diagnose(m1, c.config), now_s=3.0)
+    assert k.action == "keep"
+    d = c.decide(m1, diagnose(m1, c.config), now_s=6.0)
+    assert d.action == "change" and d.config.num_workers == 4

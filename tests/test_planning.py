@@ -187,3 +187,14 @@ def test_cpu_heavy_loading_beside_a_cpu_busy_loop_aims_at_the_usable_cpus():
     # More CPUs than the contention calls for: the aim stops at the rates x (1 + loop cores).
     wide = Bounds(usable_cpus=16, max_workers=64, ram_budget_bytes=8 * GIB)
     assert estimate_workers(m, cfg, wide).needed == 3
+
+
+def test_slowly_starting_workers_grow_at_most_to_the_step_limit():
+    # 8 workers would keep up; workers that start slowly (spawn) go to the step's limit first.
+    cfg = LoaderConfig(num_workers=0, batch_size=32)
+    m = latency_bound_at_zero()
+    rec = plan(m, diagnose(m, cfg), cfg, BOUNDS, max_step_workers=2)
+    assert rec.changes["num_workers"] == (0, 2)
+    assert "about 8 workers keep up; 2 first" in rec.reason
+    # A limit at or above the aim changes nothing.
+    assert plan(m, diagnose(m, cfg), cfg, BOUNDS, max_step_workers=8).changes["num_workers"] == (0, 8)

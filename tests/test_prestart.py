@@ -1,0 +1,206 @@
+"""Workers that start slowly (spawn, forkserver) start in the background while the running
+loader serves (loadertune.prestart): nothing lost, repeated or reordered, nothing left behind.
+
+Each test's new workers are held in their ``worker_init_fn`` by a file the test removes, so
+"still starting" and "started" are states the test sets, not moments it waits for.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import threading
+import time
+
+import pytest
+from torch.utils.data import DataLoader
+
+from loadertune.config import LoaderConfig
+from loadertune.prestart import Gate, Started, slow_start_method
+from loadertune.session import PRESTART_POLL_S
+from tests._factories import Indexed, exit_if_exists, flat, hold_while_exists, quiet
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _resource_tracker():
+    # "spawn" starts multiprocessing's resource tracker, which lives as long as this process:
+    # started before the leak check looks, it is not taken for a worker a test left behind.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+def _spawn_loader(n: int, init, *, workers: int = 1, batch_size: int = 4, persistent: bool = False) -> DataLoader:
+    return DataLoader(
+        Indexed(n),
+        batch_size=batch_size,
+        num_workers=workers,
+        multiprocessing_context="spawn",
+        worker_init_fn=init,
+        persistent_workers=persistent,
+    )
+
+
+def _decide(t, **changes) -> None:
+    """A change the tuner decided (reconfigure and faults rebuild at once; decisions may not)."""
+    t._actuator.change(t.config.replace(**changes), "change", "test decision")
+
+
+def _next_after_start(it, t, want) -> list[int]:
+    """Waits until the background start has come to ``want`` ("ready", or a failure when
+    None), then reads one batch once the front end's check is due: it acts on the outcome."""
+    starting = t._pipeline.starting
+    deadline = time.monotonic() + 90
+    while True:
+        state = starting.poll()
+        if (state == "ready") if want == "ready" else (state not in (None, "ready")):
+            break
+        assert time.monotonic() < deadline, f"the new workers never came to {want!r} (last: {state!r})"
+        time.sleep(0.01)
+    time.sleep(PRESTART_POLL_S)  # the check is due on the next batch
+    return [int(i) for i in next(it)]
+
+
+def _prestart_threads() -> list[threading.Thread]:
+    return [th for th in threading.enumerate() if th.name == "loadertune-prestart" and th.is_alive()]
+
+
+def test_slow_start_methods():
+    def loader(ctx):
+        return DataLoader(Indexed(4), num_workers=1, multiprocessing_context=ctx)
+
+    assert slow_start_method(loader("spawn")) == "spawn"
+    assert slow_start_method(loader("forkserver")) == "forkserver"
+    assert slow_start_method(loader("fork")) is None
+    default = multiprocessing.get_start_method()
+    assert slow_start_method(DataLoader(Indexed(4))) == (default if default != "fork" else None)
+
+
+def test_started_reports_even_when_the_init_fn_raises():
+    sem = threading.Semaphore(0)
+
+    def broken(worker_id):
+        raise OSError("no such file")
+
+    with pytest.raises(OSError):
+        Started(broken, sem)(0)
+    assert sem.acquire(blocking=False)  # torch raises the error with the first batch instead
+    Started(None, sem)(1)
+    assert sem.acquire(blocking=False)
+
+
+def test_an_abandoned_gate_lets_the_sampler_return_without_drawing():
+    gate = Gate()
+    gate.abort()
+    assert gate.wait() is False
+    gate = Gate()
+    gate.open()
+    assert gate.wait() is True
+
+
+@pytest.mark.timeout(120)
+def test_close_while_new_workers_start_leaves_nothing_behind(tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()  # held for good: close() must not wait for them
+    loader = _spawn_loader(400, functools.partial(hold_while_exists, str(hold)))
+    t = quiet(loader, mode="apply")
+    t.reconfigure(num_workers=0)  # the running loader needs no worker of its own
+    it = iter(t)
+    next(it)
+    _decide(t, num_workers=1)
+    assert t._pipeline.starting is not None
+    next(it)
+    t.close()
+    assert t._pipeline.starting is None
+    assert not _prestart_threads()
+    # conftest's leak check: no worker outlives the test
+
+
+@pytest.mark.timeout(120)
+def test_a_new_worker_that_dies_while_starting_leaves_the_job_on_the_old_loader(tmp_path, caplog):
+    die = tmp_path / "die"
+    n = 400
+    loader = _spawn_loader(n, functools.partial(exit_if_exists, str(die)))
+    with quiet(loader, mode="apply") as t, caplog.at_level(logging.INFO, "loadertune"):
+        t.reconfigure(num_workers=0)
+        it = iter(t)
+        got = flat([next(it) for _ in range(3)])
+        die.touch()
+        _decide(t, num_workers=1)
+        assert t._pipeline.starting is not None
+        got += _next_after_start(it, t, None)
+        assert t._pipeline.starting is None
+        got += flat(it)
+        assert got == list(range(n))
+        assert t.config.num_workers == 0
+        faults = [e for e in t.events if e.kind == "fault"]
+        assert len(faults) == 1 and "exited with code 3 while starting" in faults[0].data["error"]
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING and "keeping" in r.getMessage()]
+        assert len(warned) == 1 and "num_workers=0" in warned[0].getMessage()
+        # No more workers than the ones that died are tried again.
+        assert t._session.controller.ceiling_workers == 1
+    assert not _prestart_threads()
+
+
+@pytest.mark.timeout(120)
+def test_the_old_loader_serves_while_new_workers_start_then_hands_over(tmp_path, caplog):
+    # Persistent workers: the old loader serves the rest of the epoch and the next epoch's
+    # start while the new worker cannot finish starting, then hands over mid-epoch.
+    hold = tmp_path / "hold"
+    n = 400
+    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)), persistent=True)
+    with quiet(loader, mode="apply") as t, caplog.at_level(logging.INFO, "loadertune"):
+        it = iter(t)
+        first = flat([next(it) for _ in range(5)])
+        hold.touch()
+        _decide(t, prefetch_factor=4)
+        assert t._pipeline.starting is not None
+        assert t.config.prefetch_factor == 2  # the old loader still runs
+        first += flat(it)
+        assert t._pipeline.starting is not None
+        it = iter(t)
+        second = flat([next(it) for _ in range(5)])
+        assert t._pipeline.starting is not None and t.config.prefetch_factor == 2
+        hold.unlink()
+        second += _next_after_start(it, t, "ready")
+        assert t._pipeline.starting is None
+        second += flat(it)
+        # Every sample once, in the sampler's order: the old loader's in-flight batches came
+        # first, then the new loader took over from where the old one stopped drawing.
+        assert first == list(range(n)) and second == list(range(n))
+        assert t.config == LoaderConfig(num_workers=1, batch_size=4, prefetch_factor=4, persistent_workers=True)
+        change = [e for e in t.events if e.kind == "change"][-1]
+        assert change.step == 5
+        assert any("start in the background (spawn)" in r.getMessage() for r in caplog.records)
+        switched = [r.getMessage() for r in caplog.records if "switched to" in r.getMessage()]
+        assert len(switched) == 1 and "prefetch_factor=4" in switched[0]
+        assert flat(t) == list(range(n))  # and the next epoch, on the new workers
+    assert not _prestart_threads()
+
+
+@pytest.mark.timeout(120)
+def test_without_persistent_workers_the_next_epoch_starts_with_the_new_ones(tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()  # held for good: the epoch's end must not wait for them
+    n = 400
+    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)))
+    with quiet(loader, mode="apply") as t:
+        t.reconfigure(num_workers=0)
+        it = iter(t)
+        got = flat([next(it) for _ in range(2)])
+        _decide(t, num_workers=1)
+        got += flat(it)  # the old loader ends the epoch
+        assert got == list(range(n))
+        assert t._pipeline.starting is None and t.config.num_workers == 1
+    assert not _prestart_threads()
+
+
+def test_fork_started_workers_rebuild_at_once():
+    with quiet(DataLoader(Indexed(400), batch_size=4, num_workers=1, multiprocessing_context="fork"), mode="apply") as t:
+        it = iter(t)
+        got = flat([next(it) for _ in range(3)])
+        _decide(t, num_workers=2)
+        assert t._pipeline.starting is None and t.config.num_workers == 2
+        got += flat(it)
+        assert got == list(range(400))
