@@ -28,6 +28,7 @@ __all__ = [
     "CrashTracker",
     "Death",
     "SampleCrashError",
+    "WorkerStartError",
     "crash_error",
     "dead_worker_batches",
     "death_report",
@@ -73,6 +74,29 @@ class SampleCrashError(RuntimeError):
 
     def __reduce__(self) -> Any:
         return (type(self), (str(self), self.indices, self.sample))
+
+
+class WorkerStartError(SampleCrashError):
+    """DataLoader workers die while starting, before they load any sample: no sample is to
+    blame (``sample`` is None). Under spawn or forkserver the usual cause is a script whose
+    training code runs again in every worker (no ``if __name__ == "__main__":`` guard)."""
+
+
+def _start_failure(died: str, control: str, context: Any) -> str:
+    method = getattr(context, "get_start_method", lambda: None)()
+    if method in ("spawn", "forkserver"):
+        why = (
+            f"with multiprocessing_context={method!r} every worker imports the script's main module "
+            'again: put the training code under `if __name__ == "__main__":`, and make sure the '
+            "dataset and worker_init_fn can be imported and unpickled in a fresh process"
+        )
+    else:
+        why = "check the worker_init_fn and what the dataset does when a worker unpickles it"
+    return (
+        f"DataLoader workers die while starting, before they load any sample ({died}); a "
+        f"throwaway worker given the dataset but no sample to load died too ({control}). No sample "
+        f"is to blame: {why}"
+    )
 
 
 def worker_death(it: Any, exc: BaseException) -> Death:
@@ -210,9 +234,7 @@ def narrow_crash(
         ``(sample, report)`` for the sample whose worker died, or None when none did on its own
         (too many suspects, the time budget spent, or the crash needs other samples first).
     """
-    from torch.utils.data import DataLoader
 
-    from loadertune.shutdown import shutdown_loader
 
     if len(samples) > _NARROW_MAX_SAMPLES:
         return None
@@ -221,30 +243,61 @@ def narrow_crash(
         left = deadline - time.monotonic()
         if left <= 1.0:
             return None
-        loader = DataLoader(
+        report = _throwaway_load(
             dataset,
-            batch_size=None,
-            sampler=[sample if key is None else key(sample)],
-            num_workers=1,
-            collate_fn=_discard,
+            sample if key is None else key(sample),
             worker_init_fn=worker_init_fn,
             multiprocessing_context=multiprocessing_context,
-            timeout=left,
+            timeout_s=left,
         )
-        it = None
-        try:
-            it = iter(loader)
-            for _ in it:
-                pass
-        except RuntimeError as exc:
-            if WORKER_DIED.search(str(exc)):
-                return sample, death_report(it, exc)
-            logger.debug("narrowing a worker crash: sample %r raised %r", sample, exc)
-        except Exception as exc:  # the dataset's own error: not a crash
-            logger.debug("narrowing a worker crash: sample %r raised %r", sample, exc)
-        finally:
-            shutdown_loader(loader, it)
+        if report is not None:
+            return sample, report
     return None
+
+
+def _throwaway_load(
+    dataset: Any, item: Any, *, worker_init_fn: Any, multiprocessing_context: Any, timeout_s: float
+) -> str | None:
+    """Loads ``item`` in a throwaway worker; the report of its death, None if it lived."""
+    from torch.utils.data import DataLoader
+
+    from loadertune.shutdown import shutdown_loader
+
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=[item],
+        num_workers=1,
+        collate_fn=_discard,
+        worker_init_fn=worker_init_fn,
+        multiprocessing_context=multiprocessing_context,
+        timeout=timeout_s,
+    )
+    it = None
+    try:
+        it = iter(loader)
+        for _ in it:
+            pass
+    except RuntimeError as exc:
+        if WORKER_DIED.search(str(exc)):
+            return death_report(it, exc)
+        logger.debug("narrowing a worker crash: %r raised %r", item, exc)
+    except Exception as exc:  # the dataset's own error: not a crash
+        logger.debug("narrowing a worker crash: %r raised %r", item, exc)
+    finally:
+        shutdown_loader(loader, it)
+    return None
+
+
+class _Untouched:
+    """The dataset, sent to a worker like the real one but never read: a worker that dies
+    loading this dies while starting, whatever the samples."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, item: Any) -> None:
+        return None
 
 
 def _discard(item: Any) -> None:
@@ -272,6 +325,17 @@ def crash_error(
     )
     died = "; ".join(deaths)
     shown = samples if len(samples) <= 16 else [*samples[:16], "..."]
+    if found is not None:
+        # The control: a worker sent the dataset but asked for no sample.
+        control = _throwaway_load(
+            _Untouched(dataset),
+            0,
+            worker_init_fn=worker_init_fn,
+            multiprocessing_context=multiprocessing_context,
+            timeout_s=_NARROW_BUDGET_S,
+        )
+        if control is not None:
+            return WorkerStartError(_start_failure(died, control, multiprocessing_context), list(samples))
     if found is not None:
         sample, report = found
         message = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -11,8 +12,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from loadertune.faults import CrashTracker, SampleCrashError, dead_worker_batches, worker_death
-from tests._factories import flat, quiet
+from loadertune.faults import (
+    CrashTracker,
+    SampleCrashError,
+    WorkerStartError,
+    _start_failure,
+    dead_worker_batches,
+    worker_death,
+)
+from tests._factories import Indexed, exit_if_exists, flat, quiet
 
 
 class Segfaults(Dataset):
@@ -93,6 +101,30 @@ def test_segfaulting_sample_raises_naming_it_and_never_loads_in_process(mode, ca
         with pytest.raises(RuntimeError, match="kills the DataLoader worker"):
             next(t)
     assert 21 not in got and len(got) == len(set(got))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["recommend", "apply"])
+def test_workers_that_die_while_starting_blame_no_sample(mode, tmp_path):
+    # Every worker exits in its worker_init_fn: the batch it was given is not to blame, and a
+    # throwaway worker sent the dataset but no sample dies the same way.
+    die = tmp_path / "die"
+    die.touch()
+    loader = DataLoader(Indexed(64), batch_size=4, num_workers=2, worker_init_fn=functools.partial(exit_if_exists, str(die)))
+    with quiet(loader, mode=mode) as t:
+        with pytest.raises(WorkerStartError) as info:
+            flat(t)
+        err = info.value
+        assert isinstance(err, SampleCrashError) and err.sample is None
+        assert "die while starting, before they load any sample" in str(err)
+        assert "exited with code 3" in str(err) and "worker_init_fn" in str(err)
+        assert "kills the DataLoader worker" not in str(err)
+
+
+def test_a_start_failure_under_spawn_points_at_the_main_module_guard():
+    ctx = torch.multiprocessing.get_context("spawn")
+    text = _start_failure("pid 7 exited with code 1", "pid 8 exited with code 1", ctx)
+    assert 'if __name__ == "__main__":' in text and "multiprocessing_context='spawn'" in text
 
 
 @pytest.mark.timeout(60)
