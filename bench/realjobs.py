@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import io
+import itertools
 import json
 import logging
 import math
@@ -183,6 +184,13 @@ class JobResult:
     def rate(self) -> float:
         """The whole job's samples per second."""
         return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def longest_gap_s(self) -> float:
+        """The longest time between two batches' ends after the first batch: the loop's
+        worst freeze (workers starting at an epoch's start, a rebuild's stall)."""
+        done = self.batch_done_s
+        return max((b - a for a, b in itertools.pairwise(done)), default=0.0)
 
 
 class _LineCounter(logging.Handler):
@@ -420,6 +428,7 @@ def _table(runs: dict[str, list[JobResult]], best: str) -> list[dict[str, Any]]:
             "pm": s["pm"],
             "vs_best": s["median"] / best_med,
             "wall_s": statistics.median(r.wall_s for r in results),
+            "longest_gap_s": statistics.median(r.longest_gap_s for r in results),
             "final": [r.final for r in results if r.final] or None,
             "summary": [r.summary.get("text") for r in results if r.summary] or None,
         })
@@ -752,10 +761,10 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", f"## {w['name']}: {WORKLOADS[w['name']].title}", ""]
         lines += [f"{n}" for n in w.get("notes", [])]
         if w.get("rows"):
-            lines += ["", "| Config | samples/s (median) | ± | min–max | vs best static | job wall s | tuner ended at |", "|---|---|---|---|---|---|---|"]
+            lines += ["", "| Config | samples/s (median) | ± | min–max | vs best static | job wall s | longest gap between batches s | tuner ended at |", "|---|---|---|---|---|---|---|---|"]
             for r in w["rows"]:
                 final = ", ".join(f"w={f['num_workers']}{' pw' if f.get('persistent_workers') else ''}" for f in (r["final"] or [])) or ""
-                lines.append(f"| {r['config']}{' (best)' if r['config'] == w['best_static'] else ''} | {r['rate_median']:.0f} | {r['pm']:.0%} | {r['rate_min']:.0f}–{r['rate_max']:.0f} | {r['vs_best']:.0%} | {r['wall_s']:.1f} | {final} |")
+                lines.append(f"| {r['config']}{' (best)' if r['config'] == w['best_static'] else ''} | {r['rate_median']:.0f} | {r['pm']:.0%} | {r['rate_min']:.0f}–{r['rate_max']:.0f} | {r['vs_best']:.0%} | {r['wall_s']:.1f} | {r.get('longest_gap_s', float('nan')):.2f} | {final} |")
             sums = [s for r in w["rows"] for s in (r["summary"] or [])]
             if sums:
                 lines += ["", "Tuner summaries:", ""] + [f"- `{s}`" for s in sums]
