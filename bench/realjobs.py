@@ -822,6 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workloads": out,
     }
     outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "REALJOBS.md").write_text(render(results))
     (outdir / "realjobs.json").write_text(json.dumps(results, indent=1, default=_json_default))
     print(f"wrote {outdir / 'REALJOBS.md'} and {outdir / 'realjobs.json'}")

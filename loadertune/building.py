@@ -16,11 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from loadertune.config import LoaderConfig
+from loadertune.faults import WORKER_DIED
 from loadertune.shutdown import abort_started
 from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler
 
 __all__ = [
     "TORCH_WORKER_WARNING",
+    "DiedStarting",
     "build_loader",
     "carried_options",
     "construct_iterator",
@@ -140,7 +142,11 @@ def start_iterator(loader: DataLoader, collective: Any = None) -> Iterator[Any]:
     except BaseException as exc:
         # Interrupted (Ctrl-C) or failed half-way: torch's iterator was never returned, so stop
         # the workers it had already started here, or they outlive the run.
-        abort_started(exc)
+        half = abort_started(exc)
+        if half is not None and isinstance(exc, RuntimeError) and WORKER_DIED.search(str(exc)):
+            # A worker died while torch was still starting the others: the death is handled as
+            # one at the first batch would be (the batches handed out are loaded again).
+            return DiedStarting(exc, list(getattr(half, "_workers", None) or []))
         raise
 
 
@@ -152,6 +158,25 @@ def construct_iterator(loader: DataLoader) -> Iterator[Any]:
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
     return _MultiProcessingDataLoaderIter(loader)
+
+
+class DiedStarting:
+    """Stands in for an iterator whose worker died while torch started it: ``next`` raises
+    that death, with the workers it names, for the front end to recover from.
+
+    Attributes:
+        _workers: The half-built iterator's workers (stopped), as torch's iterator names them.
+    """
+
+    def __init__(self, exc: RuntimeError, workers: list[Any]) -> None:
+        self.exc = exc
+        self._workers = workers
+
+    def __iter__(self) -> DiedStarting:
+        return self
+
+    def __next__(self) -> Any:
+        raise self.exc
 
 
 def make_persistent(loader: DataLoader, it: Any) -> bool:

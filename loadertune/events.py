@@ -29,6 +29,8 @@ EVENT_KINDS = (
     "window",
     "recommendation",
     "change",
+    "switch",
+    "abandon",
     "keep",
     "revert",
     "retune",

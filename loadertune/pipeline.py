@@ -13,6 +13,7 @@ batches it was handed, oldest first), and nothing else.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,6 +45,8 @@ from loadertune.shutdown import shutdown_loader
 from loadertune.stream import EpochStream, requeue_issued
 
 __all__ = ["LoaderPipeline", "StreamKind", "stream_kind"]
+
+logger = logging.getLogger("loadertune")
 
 #: How a loader makes its batches: "iterable" (an IterableDataset: its own order), "sampler"
 #: (torch's BatchSampler: loadertune re-cuts the batches), "batch_sampler" (the user's own: its
@@ -124,6 +127,10 @@ class LoaderPipeline:
         self._drain: _Drain | None = None
         #: A rebuild's loader whose workers are starting in the background, None when none is.
         self.starting: Prestart | None = None
+        #: The configuration of the last background start given up, and why (see
+        #: :meth:`abort_prestart`); the front end reports and clears it.
+        self.abandoned: tuple[LoaderConfig, str] | None = None
+        self._stopping: list[Prestart] = []
         #: Each epoch's order and the RNG states it comes from (an IterableDataset has its own
         #: order: only the built loaders' generator is used).
         self.order = EpochOrder(loader, self.kind, config)
@@ -193,7 +200,7 @@ class LoaderPipeline:
         self.src_it = self.src_issued = None
 
     def _discard_epoch(self) -> None:
-        self.abort_prestart()
+        self.abort_prestart("the epoch was left before they had started")
         self._shutdown_drain()
         if self.config.persistent_workers and self.config.num_workers > 0 and self._inner is not None:
             # torch's _reset drains a persistent iterator's in-flight batches itself.
@@ -336,7 +343,8 @@ class LoaderPipeline:
     def prestart(self, config: LoaderConfig) -> bool:
         """Starts the workers of a rebuild at ``config`` in the background while the current
         loader goes on serving (see :mod:`loadertune.prestart`); False when the rebuild should
-        happen now instead (fast-starting workers, no epoch under way, torch.distributed).
+        happen now instead (fast-starting workers, no epoch under way, torch.distributed, a
+        batch-size change: the learning rate follows the batch it is planned for).
 
         Raises:
             ValueError: torch refuses the configuration (nothing changed).
@@ -350,6 +358,7 @@ class LoaderPipeline:
             or isinstance(self._it, _Failed)
             or self.collective is not None
             or config.num_workers == 0
+            or config.batch_size != c.batch_size
             or config == c.replace(persistent_workers=True)
             or slow_start_method(self.loader) is None
         ):
@@ -366,31 +375,48 @@ class LoaderPipeline:
 
     def finish_prestart(self) -> int:
         """Switches to the loader whose workers started in the background, at this batch
-        boundary; returns the old loader's batches in flight (delivered first)."""
+        boundary; returns the old loader's batches in flight (delivered first). Should the
+        started iterator not come (its thread failed at the last moment), a loader at the new
+        configuration is started here instead, as a rebuild would."""
         pre, self.starting = self.starting, None
         if pre is None:
             raise ReconfigureError("no DataLoader is starting in the background")
-        in_flight = self._hand_over(pre.config, True)
+        try:
+            in_flight = self._hand_over(pre.config, True)
+        except BaseException as exc:
+            # Interrupted while stopping the old loader: nothing more of this epoch is served.
+            pre.abort()
+            self._interrupted(exc)
+            raise
         self.config = pre.config
         self.rebuilds += 1
-        self._inner = pre.loader
         try:
-            it = pre.finish()
-        except BaseException as exc:
-            self._it = _Failed(exc)
-            self._point()
-            raise
-        if pre.loader.persistent_workers:
-            pre.loader._iterator = it  # as iter() keeps a persistent loader's iterator
-        self._it = it
+            self._inner, self._it = pre.loader, pre.finish()
+        except RuntimeError:
+            logger.warning("loadertune: %s: starting it again now", "the workers started in the background did not come")
+            new = self._build(self._stream, pre.config)
+            self._inner = new
+            try:
+                self._it = start_iterator(new, self.collective)
+            except BaseException as exc:
+                self._it = _Failed(None, f"the DataLoader for the rest of this epoch could not be started: {exc!r}")
+                self._point()
+                raise
+        if self._inner.persistent_workers:
+            self._inner._iterator = self._it  # as iter() keeps a persistent loader's iterator
         self._point()
         return in_flight
 
-    def abort_prestart(self) -> None:
-        """Abandons workers starting in the background (the current loader goes on)."""
+    def abort_prestart(self, why: str, *, wait: bool = False) -> None:
+        """Abandons workers starting in the background (the current loader goes on); ``why``
+        is kept in ``abandoned`` for the front end to report. ``wait`` for their thread."""
         pre, self.starting = self.starting, None
         if pre is not None:
-            pre.abort()
+            self.abandoned = (pre.config, why)
+            pre.abort(wait=wait)
+            if not wait:
+                # close() waits for its thread to stop its workers.
+                self._stopping = [p for p in self._stopping if p.alive] + [pre]
 
     def _keep_alive(self, config: LoaderConfig) -> bool:
         """Turns persistent_workers on for the loader running now, in place, when that is the
@@ -498,7 +524,11 @@ class LoaderPipeline:
 
     def shutdown(self) -> None:
         """Stops every worker now; idempotent."""
+        self.abort_prestart("the loader was closed", wait=True)
         self._shutdown_inner()
+        stopping, self._stopping = self._stopping, []
+        for pre in stopping:
+            pre.join()
         self._stream = None
 
     # -- building ----------------------------------------------------------------------------------
@@ -541,7 +571,7 @@ class LoaderPipeline:
         return out
 
     def _shutdown_inner(self) -> None:
-        self.abort_prestart()
+        self.abort_prestart("the running loader was replaced")
         self._shutdown_drain()
         _shutdown(self._inner, self._it)
         self._it = None

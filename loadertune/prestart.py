@@ -24,14 +24,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loadertune.shutdown import abort_iterator, unregister
+from loadertune.shutdown import abort_iterator, abort_started, unregister
 
-__all__ = ["Gate", "Prestart", "Started", "slow_start_method"]
+__all__ = ["PRESTART_TIMEOUT_S", "Gate", "Prestart", "Started", "slow_start_method"]
 
 #: Start methods whose workers take long enough to start to be started in the background.
 _SLOW_METHODS = frozenset({"spawn", "forkserver"})
 #: Seconds to wait for the prestart thread once the gate is open (it only queues indices then).
 _JOIN_S = 60.0
+#: Longest new workers may take to start before the start is given up (16 spawn workers that
+#: import torch took ~20 s on 2 CPUs).
+PRESTART_TIMEOUT_S = 300.0
 
 
 def slow_start_method(loader: Any) -> str | None:
@@ -115,22 +118,38 @@ class Prestart:
         config: The configuration it is built at.
         gate: The gate its sampler waits at.
         semaphore: Released by each of its workers once started.
-        start: Builds the iterator (``iter(loader)`` with loadertune's guards); runs on the
-            thread.
+        start: Builds the iterator (torch's multi-process iterator); runs on the thread.
+        timeout_s: Longest the workers may take to start before the start is given up
+            (default ``PRESTART_TIMEOUT_S``).
 
     Attributes:
         started_s: ``time.perf_counter()`` when the workers began to start.
         ready_workers: Workers that reported their start-up done.
     """
 
-    def __init__(self, loader: Any, config: Any, gate: Gate, semaphore: Any, start: Callable[[Any], Any]) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        config: Any,
+        gate: Gate,
+        semaphore: Any,
+        start: Callable[[Any], Any],
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
         self.loader = loader
         self.config = config
         self._gate = gate
         self._semaphore = semaphore
         self._start = start
+        self._timeout_s = PRESTART_TIMEOUT_S if timeout_s is None else timeout_s
         self._iterator: Any = None
         self._error: BaseException | None = None
+        self._aborted = False
+        self._lock = threading.Lock()
+        # torch's iterator pins batches on the current device: the training thread's, not the
+        # new thread's default.
+        self._device = _current_device() if getattr(loader, "pin_memory", False) else None
         self.ready_workers = 0
         self.started_s = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="loadertune-prestart", daemon=True)
@@ -138,27 +157,41 @@ class Prestart:
 
     def _run(self) -> None:
         try:
-            self._iterator = self._start(self.loader)
+            if self._device is not None:
+                import torch
+
+                torch.accelerator.set_device_index(self._device)
+            it = self._start(self.loader)
         except BaseException as exc:  # a thread never raises across its boundary
+            abort_started(exc)  # the workers a half-built iterator had started
             self._error = exc
+            return
+        with self._lock:
+            if not self._aborted:
+                self._iterator = it
+                return
+        abort_iterator(it)  # given up while it was being built: nobody else will stop it
 
     def poll(self) -> str | None:
         """``"ready"`` once every new worker has started, a sentence saying why when the start
-        failed (a worker died, torch refused), else None (still starting)."""
+        failed (a worker died, torch refused, too slow), else None (still starting)."""
         if self._error is not None:
             return f"starting them failed: {self._error!r}"
         it = self._gate.iterator
-        if it is None:
-            if not self._thread.is_alive() and self._iterator is None:
-                return "starting them failed: the iterator was never built"
-            return None
-        while self.ready_workers < self.config.num_workers and self._semaphore.acquire(False):
-            self.ready_workers += 1
-        for w in it._workers:
-            code = w.exitcode
-            if code is not None:
-                return f"a new worker (pid {w.pid}) exited with code {code} while starting"
-        return "ready" if self.ready_workers >= self.config.num_workers else None
+        if it is not None:
+            while self.ready_workers < self.config.num_workers and self._semaphore.acquire(False):
+                self.ready_workers += 1
+            for w in it._workers:
+                code = w.exitcode
+                if code is not None:
+                    return f"a new worker (pid {w.pid}) exited with code {code} while starting"
+            if self.ready_workers >= self.config.num_workers:
+                return "ready"
+        elif not self._thread.is_alive():
+            return "starting them failed: the iterator was never built"
+        if time.perf_counter() - self.started_s > self._timeout_s:
+            return f"they had not all started after {self._timeout_s:.0f} s"
+        return None
 
     def finish(self) -> Any:
         """Opens the gate and returns the started iterator (its workers back on torch's
@@ -168,23 +201,48 @@ class Prestart:
             RuntimeError: The iterator could not be started (the error is chained).
         """
         self._gate.open()
+        # The thread only queues the first indices now: quick, unless the start itself hangs.
         self._thread.join(_JOIN_S)
-        if self._thread.is_alive() or self._error is not None or self._iterator is None:
-            self.abort()
+        with self._lock:
+            it = self._iterator
+            if it is None:
+                self._aborted = True
+        if it is None:
+            self._gate.abort()
             raise RuntimeError(f"the new DataLoader's workers could not be started: {self._error!r}") from self._error
-        it = self._iterator
         register_workers(it)
         return it
 
-    def abort(self) -> None:
-        """Abandons the start: the sampler draws nothing, the workers are stopped now."""
+    def abort(self, *, wait: bool = False) -> None:
+        """Abandons the start: the sampler draws nothing and the workers are stopped, here if
+        they are built, else by the thread once they are (it is not waited for, unless
+        ``wait``: the training loop goes on meanwhile)."""
+        with self._lock:
+            self._aborted = True
+            it, self._iterator = self._iterator, None
         self._gate.abort()
-        self._thread.join(_JOIN_S)
-        it = self._iterator if self._iterator is not None else self._gate.iterator
-        self._iterator = None
         if it is not None:
             abort_iterator(it)
-        self.loader._iterator = None
+        if wait:
+            self.join()
+
+    @property
+    def alive(self) -> bool:
+        """Whether its thread still runs."""
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        """Waits for the thread (and the stop of workers it was left to stop)."""
+        self._thread.join(_JOIN_S)
+
+
+def _current_device() -> int | None:
+    import torch
+
+    try:
+        return torch.accelerator.current_device_index() if torch.accelerator.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def register_workers(it: Any) -> None:
@@ -195,3 +253,5 @@ def register_workers(it: Any) -> None:
         return
     _utils.signal_handling._set_worker_pids(id(it), tuple(w.pid for w in it._workers))
     it._worker_pids_set = True
+    # torch sets its handler only from the main thread: this iterator was built on another.
+    _utils.signal_handling._set_SIGCHLD_handler()

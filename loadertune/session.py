@@ -125,6 +125,9 @@ class TuningSession:
         # End-to-end costs (issue 13): when the last decision was taken (a rebuild's stall runs
         # from there), the warm-up after a rebuild, epochs' lengths, workers' start-up per epoch.
         self._decided: tuple[float, int] | None = None
+        #: No window closes while a rebuild's workers start in the background (see
+        #: :meth:`hold_windows`).
+        self.windows_held = False
         self._warm: Warmup | None = None
         self.costs = CostMeter(self.controller)
         self.sampler.start()
@@ -233,6 +236,7 @@ class TuningSession:
                 alone and must not move the window every rank closes together).
         """
         self.rates.add(self.timer.take())
+        self.windows_held = False
         now = time.perf_counter()
         decided, self._decided = self._decided, None
         # The stall runs from the decision when the rebuild follows it at once (tune()): the
@@ -250,12 +254,15 @@ class TuningSession:
         are no window of the new configuration's, so none closes; the front end is called back
         within ``PRESTART_POLL_S`` to check on them (:meth:`rebuilt` at the switch opens the
         next window)."""
-        self.rates.add(self.timer.take())
-        self.timer.discard(_HELD)
+        if not self.windows_held:
+            self.rates.add(self.timer.take())
+            self.timer.discard(_HELD)
+            self.windows_held = True
         self.schedule.call_back(now_s, step, PRESTART_POLL_S)
 
     def release_windows(self, now_s: float, step: int) -> None:
-        """Windows go on with the running loader (its background start was abandoned)."""
+        """Windows go on with the running loader (its background start was given up)."""
+        self.windows_held = False
         self.timer.discard(0)
         self.schedule.open(now_s, step)
 

@@ -60,13 +60,16 @@ def shutdown_loader(loader: Any, iterator: Any) -> None:
         _shutdown_iterator(it)
 
 
-def abort_started(exc: BaseException) -> None:
+def abort_started(exc: BaseException) -> Any:
     """Stops the workers and queues of a multi-process iterator whose ``__init__`` did not
     finish (interrupted, or failed half-way): torch never returned it, so nothing else would.
 
     Args:
         exc: The exception raised out of ``iter(loader)``; the half-built iterator is found in
             its traceback.
+
+    Returns:
+        The half-built iterator (stopped), or None when there was none.
     """
     tb = exc.__traceback__
     it = None
@@ -77,6 +80,7 @@ def abort_started(exc: BaseException) -> None:
         tb = tb.tb_next
     if it is not None:
         abort_iterator(it)
+    return it
 
 
 def abort_iterator(it: Any) -> None:

@@ -523,7 +523,7 @@ class TunedLoader:
         self.epoch += 1
 
     def _on_window(self, now: float, batch: Any) -> None:
-        if self._pipeline.starting is not None:
+        if self._session.windows_held:
             # New workers are starting in the background: no window until they serve.
             self._actuator.check_prestart(now)
             return

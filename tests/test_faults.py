@@ -121,6 +121,36 @@ def test_workers_that_die_while_starting_blame_no_sample(mode, tmp_path):
         assert "kills the DataLoader worker" not in str(err)
 
 
+@pytest.mark.timeout(60)
+def test_a_death_while_torch_starts_the_iterator_is_recovered_like_one_at_a_batch(tmp_path, monkeypatch):
+    # torch's SIGCHLD handler can raise inside the iterator's __init__ (while it queues the first
+    # indices) when a worker dies that early: that death is handled as any other, not raised
+    # from iter(). Made deterministic here: __init__'s _reset hands out the first indices, waits
+    # for the death, then raises torch's own report of it.
+    from torch.utils.data import dataloader
+
+    real_reset = dataloader._MultiProcessingDataLoaderIter._reset
+
+    def reset_after_a_death(self, loader, first_iter=False):
+        real_reset(self, loader, first_iter)  # the first indices are handed out, then the death
+        self._workers[0].join(10)
+        raise RuntimeError(
+            f"DataLoader worker (pid {self._workers[0].pid}) exited unexpectedly with exit code 3. "
+            "Details are lost due to multiprocessing."
+        )
+
+    die = tmp_path / "die"
+    die.touch()
+    loader = DataLoader(Indexed(64), batch_size=4, num_workers=2, worker_init_fn=functools.partial(exit_if_exists, str(die)))
+    with quiet(loader, mode="apply") as t:
+        monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_reset", reset_after_a_death)
+        with pytest.raises(WorkerStartError, match="die while starting"):
+            flat(t)
+        monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_reset", real_reset)
+        # One retry with fewer workers first (one death may be bad luck), as at a batch.
+        assert [e.data["cause"] for e in t.events if e.kind == "fault"] == ["died", "crash"]
+
+
 def test_a_start_failure_under_spawn_points_at_the_main_module_guard():
     ctx = torch.multiprocessing.get_context("spawn")
     text = _start_failure("pid 7 exited with code 1", "pid 8 exited with code 1", ctx)

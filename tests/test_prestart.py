@@ -17,6 +17,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from loadertune.config import LoaderConfig
+from loadertune.pipeline import LoaderPipeline
 from loadertune.prestart import Gate, Started, slow_start_method
 from loadertune.session import PRESTART_POLL_S
 from tests._factories import Indexed, exit_if_exists, flat, hold_while_exists, quiet
@@ -44,7 +45,7 @@ def _spawn_loader(n: int, init, *, workers: int = 1, batch_size: int = 4, persis
 
 def _decide(t, **changes) -> None:
     """A change the tuner decided (reconfigure and faults rebuild at once; decisions may not)."""
-    t._actuator.change(t.config.replace(**changes), "change", "test decision")
+    t._actuator.change(t.config.replace(**changes), "change", "test decision", background=True)
 
 
 def _next_after_start(it, t, want) -> list[int]:
@@ -204,3 +205,84 @@ def test_fork_started_workers_rebuild_at_once():
         assert t._pipeline.starting is None and t.config.num_workers == 2
         got += flat(it)
         assert got == list(range(400))
+
+
+def _held_start(tmp_path, n=400, **loader_kw):
+    """A tuned spawn loader running at 0 workers, a decided change to 1 worker held starting."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    t = quiet(_spawn_loader(n, functools.partial(hold_while_exists, str(hold)), **loader_kw), mode="apply")
+    t.reconfigure(num_workers=0)
+    it = iter(t)
+    got = flat([next(it) for _ in range(3)])
+    _decide(t, num_workers=1)
+    assert t._pipeline.starting is not None and t._session.windows_held
+    return t, it, got
+
+
+@pytest.mark.timeout(60)
+def test_leaving_the_epoch_gives_the_start_up_and_windows_go_on(tmp_path, caplog):
+    t, it, _ = _held_start(tmp_path)
+    with t, caplog.at_level(logging.INFO, "loadertune"):
+        del it
+        it = iter(t)  # the loop left the epoch: the half-started workers go with it
+        assert t._pipeline.starting is None
+        next(it)
+        time.sleep(PRESTART_POLL_S)
+        next(it)  # the front end's check reports it and opens the next window
+        assert not t._session.windows_held
+        abandon = [e for e in t.events if e.kind == "abandon"]
+        assert len(abandon) == 1 and abandon[0].data["why"] == "the epoch was left before they had started"
+        assert t._session.controller.config == t.config and t.config.num_workers == 0
+        assert any("gave up starting the workers of num_workers=1" in r.getMessage() for r in caplog.records)
+    assert not _prestart_threads()
+
+
+@pytest.mark.timeout(60)
+def test_a_later_change_supersedes_a_start_under_way(tmp_path):
+    t, it, got = _held_start(tmp_path)
+    with t:
+        t.reconfigure(prefetch_factor=None, num_workers=0, batch_size=8)
+        assert t._pipeline.starting is None and not t._session.windows_held
+        got += flat(it)
+        assert sorted(got) == list(range(400)) and got == sorted(got)
+        assert [e.data["why"] for e in t.events if e.kind == "abandon"] == ["a later change came first"]
+    assert not _prestart_threads()
+
+
+@pytest.mark.timeout(60)
+def test_workers_too_slow_to_start_are_given_up(tmp_path, monkeypatch, caplog):
+    import loadertune.prestart as prestart
+
+    monkeypatch.setattr(prestart, "PRESTART_TIMEOUT_S", 0.0)
+    t, it, got = _held_start(tmp_path)
+    with t, caplog.at_level(logging.WARNING, "loadertune"):
+        time.sleep(PRESTART_POLL_S)
+        got += flat([next(it)])
+        assert t._pipeline.starting is None and not t._session.windows_held
+        fault = [e for e in t.events if e.kind == "fault"]
+        assert len(fault) == 1 and fault[0].data["cause"] == "start" and "had not all started" in fault[0].data["error"]
+        assert t._session.controller.ceiling_workers == 1
+        got += flat(it)
+        assert got == list(range(400))
+    assert not _prestart_threads()
+
+
+@pytest.mark.timeout(60)
+def test_the_position_a_checkpoint_takes_ignores_the_loader_still_starting(tmp_path):
+    t, _, got = _held_start(tmp_path)
+    with t:
+        assert t._pipeline.position() == len(got) == 12
+        state = t.state_dict()
+    assert state["epoch_start"]["position"] == 12
+
+
+def test_a_batch_size_change_is_not_started_in_the_background():
+    loader = DataLoader(Indexed(40), batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    pipeline = LoaderPipeline(loader, dataset=loader.dataset, config=LoaderConfig(num_workers=0, batch_size=4))
+    pipeline.start_epoch()
+    try:
+        assert not pipeline.prestart(LoaderConfig(num_workers=1, batch_size=8))
+        assert pipeline.starting is None
+    finally:
+        pipeline.shutdown()

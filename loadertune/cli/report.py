@@ -215,11 +215,13 @@ def _changes(
                 (
                     x.get("kind")
                     for x in events[i + 1 :]
-                    if x.get("kind") in ("keep", "revert", "change", "fault")
+                    if x.get("kind") in ("keep", "revert", "change", "fault", "abandon")
                 ),
                 None,
             )
-            outcome = {"keep": "kept", "revert": "reverted"}.get(verdict or "")
+            outcome = {"keep": "kept", "revert": "reverted", "abandon": "given up before its workers started"}.get(
+                verdict or ""
+            )
         changes.append(
             {
                 "at_s": at(e),
