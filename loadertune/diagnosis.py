@@ -280,6 +280,19 @@ def job_cpu_cores(metrics: WindowMetrics, config: LoaderConfig) -> float | None:
     return cores
 
 
+def contending_cores(metrics: WindowMetrics, config: LoaderConfig, thresholds: Thresholds | None = None) -> float:
+    """Cores other processes keep busy while the CPUs are saturated, but not by this job (the
+    diagnosis's "other processes keep the CPUs busy"); 0 when they are not, or unknown."""
+    t = thresholds or Thresholds()
+    m = metrics
+    job = job_cpu_cores(m, config)
+    if job is None or not m.usable_cpus or m.cpu_pct is None or m.cpu_pct < t.cpu_saturated_pct:
+        return 0.0
+    if job >= t.cpu_saturated_pct / 100.0 * m.usable_cpus:
+        return 0.0
+    return max(0.0, m.cpu_pct / 100.0 * m.usable_cpus - job)
+
+
 def over_provisioned(
     metrics: WindowMetrics, config: LoaderConfig, thresholds: Thresholds | None = None
 ) -> int | None:

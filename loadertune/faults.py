@@ -261,7 +261,7 @@ def _throwaway_load(
     """Loads ``item`` in a throwaway worker; the report of its death, None if it lived."""
     from torch.utils.data import DataLoader
 
-    from loadertune.shutdown import shutdown_loader
+    from loadertune.shutdown import abort_started, shutdown_loader
 
     loader = DataLoader(
         dataset,
@@ -273,14 +273,20 @@ def _throwaway_load(
         multiprocessing_context=multiprocessing_context,
         timeout=timeout_s,
     )
-    it = None
+    it = half = None
     try:
-        it = iter(loader)
+        try:
+            it = iter(loader)
+        except BaseException as exc:
+            # Its worker died (or Ctrl-C came) while torch started it: the half-built iterator
+            # is stopped and taken off torch's SIGCHLD check here, or it outlives the narrowing.
+            half = abort_started(exc)
+            raise
         for _ in it:
             pass
     except RuntimeError as exc:
         if WORKER_DIED.search(str(exc)):
-            return death_report(it, exc)
+            return death_report(it if it is not None else half, exc)
         logger.debug("narrowing a worker crash: %r raised %r", item, exc)
     except Exception as exc:  # the dataset's own error: not a crash
         logger.debug("narrowing a worker crash: %r raised %r", item, exc)

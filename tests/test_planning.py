@@ -198,3 +198,21 @@ def test_slowly_starting_workers_grow_at_most_to_the_step_limit():
     assert "about 8 workers keep up; 2 first" in rec.reason
     # A limit at or above the aim changes nothing.
     assert plan(m, diagnose(m, cfg), cfg, BOUNDS, max_step_workers=8).changes["num_workers"] == (0, 8)
+
+
+def test_cpu_heavy_loading_beside_another_process_aims_past_the_cores():
+    # 2 CPUs saturated, this job keeps ~1 busy: another process holds the other. CPU-heavy
+    # workers then win a share of it, so the aim goes one worker past the cores.
+    cfg = LoaderConfig(num_workers=0, batch_size=16)
+    busy = dict(
+        wait_share=0.85, wait_s_per_batch=0.024, compute_s_per_batch=0.0042, batches_per_s=35, samples_per_s=560,
+        usable_cpus=2, process_cpu_pct=100.0, loader_cpu_s_per_batch=0.024,
+    )
+    m = metrics(cpu_pct=100.0, **busy)
+    d = diagnose(m, cfg)
+    assert d.kind == "data_starved" and "other processes" in d.summary
+    assert estimate_workers(m, cfg, BOUNDS).cpu_cap == 3
+    assert plan(m, d, cfg, BOUNDS).config.num_workers == 3
+    # The same load on a machine nobody else uses stops at the cores.
+    quiet = metrics(cpu_pct=50.0, **busy)
+    assert plan(quiet, diagnose(quiet, cfg), cfg, BOUNDS).config.num_workers == 2
