@@ -16,10 +16,10 @@ persistent workers), ``neverworse`` (the starting configuration is already the b
 
 Writes ``bench/REALJOBS.md`` and ``bench/realjobs.json``. The exit code is 0 even on a MISS.
 
-Default size: all workloads took ~9 min on 2 CPUs (2026-11-30, measured workload by workload
-on a quiet machine: jpeg 55 s, spawn 157 s, short 62 s, contention + fastloop + neverworse
-261 s; anchors skipped without tensorflow). A busy machine stretches the CPU-bound jobs (the
-JPEG job ran ~3x slower at load average 6); ``--quick`` is one round of smaller jobs.
+Default size: all workloads took 11.1 min on 2 CPUs (2026-12-01, anchors included:
+tensorflow-cpu 2.21.0 installed with the ``[anchors]`` extra; without it they are skipped and
+the rest takes ~10 min). A busy machine stretches the CPU-bound jobs (the JPEG job ran ~3x
+slower at load average 6); ``--quick`` is one round of smaller jobs.
 """
 
 from __future__ import annotations
@@ -524,7 +524,9 @@ def wl_fastloop(quick: bool) -> dict[str, Any]:
         last_cfg = int(recs[-1]["recommended"].split()[0].split("=")[1])
     workers = sorted({0, 1, 2, 4, 8, 16} | ({last_cfg} if last_cfg is not None else set()))
     statics = {f"w={w}": _loader_factory(ds, bs, w, persistent=True) for w in workers}
-    runs = _interleave(statics, {}, lambda: _sleep_step(0.002), 1, duration_s=stat_dur)
+    # Two interleaved rounds: one 8 s run of each static once read w=4 at 90% of w=2, the
+    # next run at 100% (a shared machine's noise, not the loader's).
+    runs = _interleave(statics, {}, lambda: _sleep_step(0.002), 1 if quick else 2, duration_s=stat_dur)
     runs["tuner (recommend)"] = [tuned]
     st = _statics_only(runs)
     st.pop("tuner (recommend)", None)
@@ -704,7 +706,18 @@ def wl_anchors(quick: bool) -> dict[str, Any]:
         tf_rate = n / (time.perf_counter() - t0)
         tuned = run_job(_loader_factory(ds_py, 32, 0, persistent=True), _sleep_step(0.02), duration_s=dur, tune={"mode": "apply"}, label="tuner")
         out_rows.append({"workload": label, "tf_autotune": tf_rate, "loadertune": tuned.rate})
-    return {"name": "anchors", "rows": [], "anchor_rows": out_rows, "targets": [{"target": "tf.data AUTOTUNE peer rows", "measured": "; ".join(f"{r['workload']}: tf.data {r['tf_autotune']:.0f}, loadertune {r['loadertune']:.0f} samples/s" for r in out_rows), "verdict": "INFO"}], "notes": [], "best_static": None, "events": {}}
+    return {"name": "anchors", "rows": [], "anchor_rows": out_rows, "targets": [{"target": "tf.data AUTOTUNE peer rows", "measured": "; ".join(f"{r['workload']}: tf.data {r['tf_autotune']:.0f}, loadertune {r['loadertune']:.0f} samples/s" for r in out_rows), "verdict": "INFO"}], "notes": [ANCHORS_NOTE.format(dur=dur)], "best_static": None, "events": {}}
+
+
+#: What the anchor rows compare (rendered under them).
+ANCHORS_NOTE = (
+    "Both run the same Python loading function for {dur:.0f} s with a 20 ms step, batch 32 (at most 1600 "
+    "samples/s). tf.data: `Dataset.range -> map(numpy_function(load), num_parallel_calls=AUTOTUNE) -> "
+    "batch(32) -> prefetch(AUTOTUNE)`, whose parallel calls are threads of one process that take "
+    "Python's GIL in turn; loadertune: `tune(DataLoader(..., num_workers=0, persistent_workers=True), "
+    "mode=\"apply\")`, whose workers are processes. A peer row for a loader written in Python, not a "
+    "comparison of the engines: tf.data with native TF ops does not take the GIL."
+)
 
 
 WORKLOADS = {
@@ -735,7 +748,19 @@ def _machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "packages": _versions("numpy", "pillow", "tensorflow-cpu"),
     }
+
+
+def _versions(*names: str) -> dict[str, str]:
+    """Installed versions of ``names`` (the ones installed), without importing them."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
 
 
 def render(results: dict[str, Any]) -> str:
@@ -745,7 +770,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"- Command: `{results['command']}`",
         f"- Date: {results['date']} (took {results['took_s'] / 60:.1f} min)",
-        f"- Machine: {m['usable_cpus']} usable CPUs ({m['cpu_model']}), Python {m['python']}, torch {m['torch']} ({m['torch_threads']} intra-op threads); load average at start {m['load_average']}, at end {results['load_end']}",
+        f"- Machine: {m['usable_cpus']} usable CPUs ({m['cpu_model']}), Python {m['python']}, torch {m['torch']} ({m['torch_threads']} intra-op threads){''.join(f', {k} {v}' for k, v in (m.get('packages') or {}).items())}; load average at start {m['load_average']}, at end {results['load_end']}",
         "- Every figure is a whole job (from `iter()` to the end of `close()`: worker start-up, rebuild stalls and shutdown count) run in the same process as its static comparisons, interleaved round by round. `±` is half the range between rounds, relative to the median. The machine is shared: read the spread.",
         "",
         "## Targets",
