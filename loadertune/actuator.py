@@ -25,6 +25,7 @@ from loadertune.follower import BatchFollower
 from loadertune.pipeline import LoaderPipeline
 from loadertune.prestart import slow_start_method
 from loadertune.session import TuningSession
+from loadertune.switchover import Switchover
 
 __all__ = ["Actuator"]
 
@@ -67,6 +68,8 @@ class Actuator:
         from loadertune.memory import MemoryTrend
 
         self._memory = MemoryTrend()
+        #: Carries changes whose workers start in the background to their switch.
+        self.switchover = Switchover(front, pipeline, session, self.note_workers)
         self._memory_warned: LoaderConfig | None = None
         if session.bounds.ram_budget_bytes is not None:
             # Until a worker is measured, one could grow to this process's size (issue 15).
@@ -119,8 +122,7 @@ class Actuator:
         pipeline = self._pipeline
         # A later change (a fault, a limit, reconfigure, a revert) supersedes one whose workers
         # are still starting; the running configuration is the "before".
-        pipeline.abort_prestart("a later change came first")
-        self.report_abandoned()
+        self.switchover.give_up("a later change came first")
         before = pipeline.pending or self._front.config
         if config == before:
             return
@@ -142,7 +144,7 @@ class Actuator:
             pipeline.switch(config)
             self._front.config = config
             when = "now"
-        elif background and self._room_for_both(config) and pipeline.prestart(config):
+        elif background and self.switchover.room_for_both(config) and pipeline.prestart(config):
             self._session.hold_windows(time.perf_counter(), self._front.step)
             when = (
                 f"from step {self._front.step}: the new workers start in the background "
@@ -171,92 +173,6 @@ class Actuator:
             forced=kind == "reconfigure",
             **measured,
         )
-
-    def prestart_at_epoch_end(self) -> None:
-        """The old loader served its epoch out while new workers are still starting. Persistent,
-        it serves the next epoch too and the start goes on. Otherwise its workers would start
-        again for the next epoch anyway: the half-started ones are stopped and the next epoch
-        starts the new configuration's, as any change between epochs does."""
-        pipeline, front, session = self._pipeline, self._front, self._session
-        starting = pipeline.starting
-        c = pipeline.config
-        if starting is None or (c.persistent_workers and c.num_workers > 0):
-            return
-        pipeline.abort_prestart("the epoch ended first")
-        pipeline.abandoned = None  # not given up: it takes effect at the next epoch
-        pipeline.switch(starting.config)
-        front.config = starting.config
-        session.release_windows(time.perf_counter(), front.step)
-        logger.info(
-            "%sthe epoch ended before the new workers had started: they are stopped, and the next "
-            "epoch starts with %s",
-            session.log_prefix(),
-            starting.config.describe(),
-        )
-
-    def check_prestart(self, now_s: float) -> None:
-        """Switches to the loader whose workers started in the background once they all have;
-        gives the start up, keeping the running loader, when a new worker died, torch refused
-        or they took too long. Reports a start given up elsewhere (the epoch left, a rebuild)."""
-        pipeline, front, session = self._pipeline, self._front, self._session
-        starting = pipeline.starting
-        if starting is None:
-            self.report_abandoned()
-            return
-        state = starting.poll()
-        step = front.step
-        if state is None:
-            session.hold_windows(now_s, step)
-            return
-        if state != "ready":
-            pipeline.abort_prestart(state)
-            self.report_abandoned(failed=True)
-            return
-        took_s = now_s - starting.started_s
-        in_flight = pipeline.finish_prestart()
-        c = front.config = pipeline.config
-        self.note_workers()
-        session.rebuilt(in_flight + max(2, c.num_workers * (c.prefetch_factor or 2)), step=step)
-        logger.info(
-            "%sswitched to %s at step %d: its workers started in %.1f s while the old ones served",
-            session.log_prefix(),
-            c.describe(),
-            step,
-            took_s,
-        )
-        session.events_log.emit("switch", step, front.epoch, config=c.to_dict(), started_s=round(took_s, 3))
-
-    def report_abandoned(self, *, failed: bool = False) -> None:
-        """A background start was given up: windows go on with the running loader, and the
-        controller is told what runs. ``failed`` (a worker died, too slow): a fault, logged as a
-        WARNING, and no more workers than that are tried again."""
-        pipeline, front, session = self._pipeline, self._front, self._session
-        abandoned, pipeline.abandoned = pipeline.abandoned, None
-        if session.windows_held:
-            session.release_windows(time.perf_counter(), front.step)
-        if abandoned is None:
-            return
-        wanted, why = abandoned
-        running = front.config
-        text = f"gave up starting the workers of {wanted.describe()} ({why}); keeping {running.describe()}"
-        if failed:
-            session.controller.note_fault(wanted, running)
-            session.fault(text, wanted, running, step=front.step, epoch=front.epoch, cause="start")
-            logger.warning("%s%s", session.log_prefix(), text)
-        else:
-            session.controller.note_external_change(running)
-            session.events_log.emit("abandon", front.step, front.epoch, wanted=wanted.to_dict(), config=running.to_dict(), why=why)
-            logger.info("%s%s", session.log_prefix(), text)
-
-    def _room_for_both(self, config: LoaderConfig) -> bool:
-        """Whether the running workers and ``config``'s fit the RAM budget together (they run
-        side by side while the new ones start); unknown sizes do not stop it."""
-        session = self._session
-        budget = session.controller.bounds.ram_budget_bytes
-        per = session.metrics.worker_mem_bytes if session.metrics is not None else None
-        if budget is None or not per:
-            return True
-        return (self._front.config.num_workers + config.num_workers) * per <= budget
 
     def _bounded(self, config: LoaderConfig, kind: str) -> LoaderConfig:
         """``config`` within what cannot be traded for speed: an IterableDataset not known to

@@ -525,7 +525,7 @@ class TunedLoader:
     def _on_window(self, now: float, batch: Any) -> None:
         if self._session.windows_held:
             # New workers are starting in the background: no window until they serve.
-            self._actuator.check_prestart(now)
+            self._actuator.switchover.check(now)
             return
         # A change waiting for the next epoch has not run yet: judging it now would compare the
         # old configuration with itself.
@@ -619,7 +619,7 @@ class _Epoch:
             except StopIteration:
                 tl._wait_since = 0.0
                 if pipeline.starting is not None:
-                    tl._actuator.prestart_at_epoch_end()
+                    tl._actuator.switchover.at_epoch_end()
                 if pipeline.finish_drain() or pipeline.resume_unfinished():
                     # The old loader has handed over all it had in flight (or was cut short with
                     # samples left): on to the new one.
