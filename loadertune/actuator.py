@@ -171,6 +171,7 @@ class Actuator:
             when=when,
             lr_factor=lr_factor,
             forced=kind == "reconfigure",
+            started=pipeline.starting is None,
             **measured,
         )
 

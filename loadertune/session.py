@@ -396,10 +396,14 @@ class TuningSession:
         when: str,
         lr_factor: float | None = None,
         forced: bool = False,
+        started: bool = True,
         **measured: Any,
     ) -> None:
-        """Logs and records a configuration change the front end made (or will make ``when``)."""
-        self.rates.changed()
+        """Logs and records a configuration change the front end made (or will make ``when``;
+        ``started`` False: its workers start in the background, and the run's rates count it
+        from the switch, see :mod:`loadertune.switchover`)."""
+        if started:
+            self.rates.changed()
         warm = self._warm
         if warm is not None and warm.step == step and not warm.extended:
             warm.extended = True
@@ -430,9 +434,21 @@ class TuningSession:
             **measured,
         )
 
-    def fault(self, error: BaseException | str, before: LoaderConfig, after: LoaderConfig, *, step: int, epoch: int, **extra: Any) -> None:
-        """Records a fault recovered from (a dead worker, /dev/shm exhausted...)."""
-        self.rates.changed()
+    def fault(
+        self,
+        error: BaseException | str,
+        before: LoaderConfig,
+        after: LoaderConfig,
+        *,
+        step: int,
+        epoch: int,
+        changed: bool = True,
+        **extra: Any,
+    ) -> None:
+        """Records a fault recovered from (a dead worker, /dev/shm exhausted...); ``changed``
+        False when the configuration that runs did not change (a background start failed)."""
+        if changed:
+            self.rates.changed()
         self.events_log.emit(
             "fault", step, epoch, error=str(error), before=before.to_dict(), after=after.to_dict(), **extra
         )

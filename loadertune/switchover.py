@@ -68,6 +68,7 @@ class Switchover:
             return
         took_s = now_s - starting.started_s
         in_flight = pipeline.finish_prestart()
+        session.rates.changed()  # the run's "after" starts at the switch
         c = front.config = pipeline.config
         self._note_workers()
         session.rebuilt(in_flight + max(2, c.num_workers * (c.prefetch_factor or 2)), step=step)
@@ -122,7 +123,7 @@ class Switchover:
         text = f"gave up starting the workers of {wanted.describe()} ({why}); keeping {running.describe()}"
         if failed:
             session.controller.note_fault(wanted, running)
-            session.fault(text, wanted, running, step=front.step, epoch=front.epoch, cause="start")
+            session.fault(text, wanted, running, step=front.step, epoch=front.epoch, changed=False, cause="start")
             logger.warning("%s%s", session.log_prefix(), text)
         else:
             session.controller.note_external_change(running)

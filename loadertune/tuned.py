@@ -448,6 +448,8 @@ class TunedLoader:
         try:
             if self._stall is not None:
                 self._stall.close()
+            if self._pipeline.starting is not None:
+                self._actuator.switchover.give_up("the loader was closed first")
             self._pipeline.shutdown()
         except BaseException:
             # Interrupted (Ctrl-C) while stopping the workers: a second close(), or the one at

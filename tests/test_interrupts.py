@@ -265,17 +265,17 @@ def test_an_interrupt_in_the_hand_over_drain(monkeypatch, where):
             del drain_it, real_next, next_data  # (they hold the old iterator)
             assert got + _rest(it) == list(range(N))
         else:
-            # Ctrl-C while the drained old loader is being stopped (finish_drain).
+            # Ctrl-C while the drained old loader is handed to the thread that stops it
+            # (finish_drain): it stays the drain, stopped by the next finish_drain or close().
             once = _Once()
-            real_sd = LoaderPipeline._shutdown_drain
+            real_retire = LoaderPipeline._retire_drain
 
-            def sd(self):
-                if self._drain is not None:
-                    once()
-                return real_sd(self)
+            def retire(self):
+                once()
+                return real_retire(self)
 
             with monkeypatch.context() as m:
-                m.setattr(LoaderPipeline, "_shutdown_drain", sd)
+                m.setattr(LoaderPipeline, "_retire_drain", retire)
                 with pytest.raises(KeyboardInterrupt):
                     while True:
                         got += [int(i) for i in next(it)]

@@ -286,3 +286,15 @@ def test_a_batch_size_change_is_not_started_in_the_background():
         assert pipeline.starting is None
     finally:
         pipeline.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_start_still_under_way_at_close_is_reported_and_never_counted(tmp_path):
+    t, _, _ = _held_start(tmp_path)
+    t.close()
+    abandon = [e for e in t.events if e.kind == "abandon"]
+    assert len(abandon) == 1 and abandon[0].data["why"] == "the loader was closed first"
+    summary = [e for e in t.events if e.kind == "summary"][-1].data
+    # The reconfigure to 0 workers ran; the decision for 1 worker never did.
+    assert summary["changes"] == 1 and summary["final_config"]["num_workers"] == 0
+    assert not _prestart_threads()

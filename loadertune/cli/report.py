@@ -135,7 +135,8 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         "initial_config": initial,
         "final_config": final,
         "windows": len(windows),
-        "periods": _periods(windows, [at(e) for e in events if e.get("kind") in _CHANGE_KINDS], at),
+        # A change whose workers started in the background begins to run at its switch.
+        "periods": _periods(windows, [at(e) for e in events if e.get("kind") in (*_CHANGE_KINDS, "switch")], at),
         "changes": _changes(events, windows, at),
         "recommendations": _recommendations(events, at),
         "retunes": sum(1 for e in events if e.get("kind") == "retune"),
@@ -241,6 +242,11 @@ def _changes(
                     [_num(w["metrics"].get("samples_per_s")) for w in later]
                 ),
                 "outcome": outcome,
+                "switched_at_s": next(
+                    (at(x) for x in events[i + 1 :] if x.get("kind") == "switch" and float(x.get("time", 0.0)) <= nxt),
+                    None,
+                ),
+                "cause": e.get("cause"),
             }
         )
     return changes
@@ -342,8 +348,10 @@ def _render(r: dict[str, Any], index: int, count: int) -> None:
             label = {
                 "change": "reconfigure" if c["forced"] else "change",
                 "revert": "revert",
-                "fault": "fault",
+                "fault": "start failed" if c.get("cause") == "start" else "fault",
             }[c["kind"]]
+            if c.get("switched_at_s") is not None:
+                tag += f" (its workers started in the background; running from {c['switched_at_s']:.1f} s)"
             print(f"  {c['at_s']:6.1f} s  {label}: {_diff(c['changes'])}: {rates}{tag}")
             if c["reason"]:
                 print(f"            {c['reason']}")
