@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -132,7 +131,6 @@ class LoaderPipeline:
         #: :meth:`abort_prestart`); the front end reports and clears it.
         self.abandoned: tuple[LoaderConfig, str] | None = None
         self._stopping: list[Prestart] = []
-        self._retiring: list[threading.Thread] = []
         #: Each epoch's order and the RNG states it comes from (an IterableDataset has its own
         #: order: only the built loaders' generator is used).
         self.order = EpochOrder(loader, self.kind, config)
@@ -242,27 +240,12 @@ class LoaderPipeline:
             self.src_issued.popleft()
 
     def finish_drain(self) -> bool:
-        """Moves on from a drained old loader; False when no hand-over was under way. Its
-        workers are stopped on a ``loadertune-retire`` thread: joining them takes the training
-        thread's time for nothing (0.4-2 s for four spawn-started workers)."""
+        """Moves on from a drained old loader; False when no hand-over was under way."""
         if self._drain is None:
             return False
-        self._retire_drain()
+        self._shutdown_drain()
         self._point()
         return True
-
-    def _retire_drain(self) -> None:
-        drain = self._drain
-        assert drain is not None
-        retire = threading.Thread(target=_shutdown, args=(drain.loader, drain.it), name="loadertune-retire", daemon=True)
-        try:
-            retire.start()
-        finally:
-            # Started, even when an interrupt came while start() waited: the thread stops it.
-            # Not started: it stays the drain, for the next finish_drain or close() to stop.
-            if retire.ident is not None:
-                self._drain = None
-                self._retiring = [t for t in self._retiring if t.is_alive()] + [retire]
 
     # -- changes -----------------------------------------------------------------------------------
     def switch(self, config: LoaderConfig) -> None:
@@ -546,9 +529,6 @@ class LoaderPipeline:
         stopping, self._stopping = self._stopping, []
         for pre in stopping:
             pre.join()
-        retiring, self._retiring = self._retiring, []
-        for t in retiring:
-            t.join()  # bounded: shutdown_loader terminates, then kills, what does not exit
         self._stream = None
 
     # -- building ----------------------------------------------------------------------------------

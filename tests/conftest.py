@@ -19,7 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 #: loadertune's threads that must end with the run that started them.
-_THREADS = ("loadertune-sampler", "loadertune-prestart", "loadertune-retire")
+_THREADS = ("loadertune-sampler", "loadertune-prestart")
 
 
 @pytest.fixture(autouse=True)

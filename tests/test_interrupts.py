@@ -265,17 +265,17 @@ def test_an_interrupt_in_the_hand_over_drain(monkeypatch, where):
             del drain_it, real_next, next_data  # (they hold the old iterator)
             assert got + _rest(it) == list(range(N))
         else:
-            # Ctrl-C while the drained old loader is handed to the thread that stops it
-            # (finish_drain): it stays the drain, stopped by the next finish_drain or close().
+            # Ctrl-C while the drained old loader is being stopped (finish_drain).
             once = _Once()
-            real_retire = LoaderPipeline._retire_drain
+            real_sd = LoaderPipeline._shutdown_drain
 
-            def retire(self):
-                once()
-                return real_retire(self)
+            def sd(self):
+                if self._drain is not None:
+                    once()
+                return real_sd(self)
 
             with monkeypatch.context() as m:
-                m.setattr(LoaderPipeline, "_retire_drain", retire)
+                m.setattr(LoaderPipeline, "_shutdown_drain", sd)
                 with pytest.raises(KeyboardInterrupt):
                     while True:
                         got += [int(i) for i in next(it)]
