@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,11 +271,21 @@ def _run(tmp_path, phase, *args):
     return [data["epochs"][k] for k in sorted(data["epochs"], key=int)], data["config"]
 
 
+@pytest.fixture(scope="module")
+def saved_mid_epoch(tmp_path_factory):
+    """One process that ran until mid-epoch (a live change included), saved and exited: every
+    resume below starts from a copy of its state."""
+    where = tmp_path_factory.mktemp("saved")
+    before, saved_config = _run(where, "save", "--generator", "--workers", 1, "--batch-size", 5)
+    return where / "state.pt", before, saved_config
+
+
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize(("workers", "bs"), [(0, 5), (1, 4), (3, 9)])
-def test_two_processes_together_serve_each_sample_once_in_order(tmp_path, workers, bs):
-    before, saved_config = _run(tmp_path, "save", "--generator", "--workers", 1, "--batch-size", 5)
+def test_two_processes_together_serve_each_sample_once_in_order(tmp_path, saved_mid_epoch, workers, bs):
+    state, before, saved_config = saved_mid_epoch
     assert saved_config["num_workers"] == 2 and saved_config["batch_size"] == 7  # the live change
+    shutil.copy(state, tmp_path / "state.pt")
     after, config = _run(
         tmp_path, "resume", "--generator", "--workers", workers, "--batch-size", bs, "--warm-start", 0
     )
