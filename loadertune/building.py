@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from loadertune.config import LoaderConfig
 from loadertune.faults import WORKER_DIED
-from loadertune.shutdown import abort_started
+from loadertune.shutdown import abort_iterator, abort_started
 from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler
 
 __all__ = [
@@ -136,13 +136,22 @@ def start_iterator(loader: DataLoader, collective: Any = None) -> Iterator[Any]:
         # Under torch.distributed, workers fork from a process with gloo's threads: fork them
         # from a quiet state (see fork_guard), so nothing of those threads is touched in a worker.
         guard = fork_guard(collective)
+    it = None
     try:
         with guard, torch_warnings_once():
-            return iter(loader)
+            it = iter(loader)
+        return it
     except BaseException as exc:
-        # Interrupted (Ctrl-C) or failed half-way: torch's iterator was never returned, so stop
-        # the workers it had already started here, or they outlive the run.
-        half = abort_started(exc)
+        # Interrupted (Ctrl-C) or failed half-way, or a worker's death reported by torch's
+        # SIGCHLD handler just after: the iterator never reaches the caller, so its workers are
+        # stopped here, or they outlive the run.
+        if it is not None:
+            abort_iterator(it)
+            if getattr(loader, "_iterator", None) is it:
+                loader._iterator = None  # a persistent loader must not reset a stopped iterator
+            half = it
+        else:
+            half = abort_started(exc)
         if half is not None and isinstance(exc, RuntimeError) and WORKER_DIED.search(str(exc)):
             # A worker died while torch was still starting the others: the death is handled as
             # one at the first batch would be (the batches handed out are loaded again).
@@ -171,12 +180,18 @@ class DiedStarting:
     def __init__(self, exc: RuntimeError, workers: list[Any]) -> None:
         self.exc = exc
         self._workers = workers
+        self._raised = False
 
     def __iter__(self) -> DiedStarting:
         return self
 
     def __next__(self) -> Any:
-        raise self.exc
+        if not self._raised:
+            self._raised = True
+            raise self.exc
+        # Asked again (the first report was not taken for this loader's): its workers are all
+        # stopped, which is what a death at a batch looks like.
+        raise RuntimeError(f"the DataLoader's workers stopped while starting ({self.exc})")
 
 
 def make_persistent(loader: DataLoader, it: Any) -> bool:

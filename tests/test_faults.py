@@ -151,6 +151,36 @@ def test_a_death_while_torch_starts_the_iterator_is_recovered_like_one_at_a_batc
         assert [e.data["cause"] for e in t.events if e.kind == "fault"] == ["died", "crash"]
 
 
+@pytest.mark.timeout(60)
+def test_a_death_reported_just_after_torch_built_the_iterator_is_recovered_too(tmp_path, monkeypatch):
+    # The same death reported a moment later, once torch's __init__ has returned but before the
+    # iterator reaches loadertune (seen: SIGCHLD landing in the warnings filter's exit).
+    import contextlib
+
+    import psutil
+
+    import loadertune.building as building
+
+    @contextlib.contextmanager
+    def report_after(real=building.torch_warnings_once):
+        before = {p.pid for p in psutil.Process().children()}
+        with real():
+            yield
+        started = [p for p in psutil.Process().children() if p.pid not in before]
+        if not started:
+            return  # building a loader, not starting one
+        started[0].wait(10)  # it exits in its worker_init_fn
+        raise RuntimeError(f"DataLoader worker (pid {started[0].pid}) exited unexpectedly with exit code 3.")
+
+    die = tmp_path / "die"
+    die.touch()
+    loader = DataLoader(Indexed(64), batch_size=4, num_workers=2, worker_init_fn=functools.partial(exit_if_exists, str(die)))
+    with quiet(loader, mode="apply") as t:
+        monkeypatch.setattr(building, "torch_warnings_once", report_after)
+        with pytest.raises(WorkerStartError, match="die while starting"):
+            flat(t)
+
+
 def test_a_start_failure_under_spawn_points_at_the_main_module_guard():
     ctx = torch.multiprocessing.get_context("spawn")
     text = _start_failure("pid 7 exited with code 1", "pid 8 exited with code 1", ctx)
