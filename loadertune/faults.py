@@ -261,7 +261,8 @@ def _throwaway_load(
     """Loads ``item`` in a throwaway worker; the report of its death, None if it lived."""
     from torch.utils.data import DataLoader
 
-    from loadertune.shutdown import abort_started, shutdown_loader
+    from loadertune.building import start_iterator
+    from loadertune.shutdown import shutdown_loader
 
     loader = DataLoader(
         dataset,
@@ -273,20 +274,16 @@ def _throwaway_load(
         multiprocessing_context=multiprocessing_context,
         timeout=timeout_s,
     )
-    it = half = None
+    it = None
     try:
-        try:
-            it = iter(loader)
-        except BaseException as exc:
-            # Its worker died (or Ctrl-C came) while torch started it: the half-built iterator
-            # is stopped and taken off torch's SIGCHLD check here, or it outlives the narrowing.
-            half = abort_started(exc)
-            raise
+        # A death while torch starts the worker comes back as an iterator that raises it (the
+        # half-built one already stopped), like one at the sample.
+        it = start_iterator(loader)
         for _ in it:
             pass
     except RuntimeError as exc:
         if WORKER_DIED.search(str(exc)):
-            return death_report(it if it is not None else half, exc)
+            return death_report(it, exc)
         logger.debug("narrowing a worker crash: %r raised %r", item, exc)
     except Exception as exc:  # the dataset's own error: not a crash
         logger.debug("narrowing a worker crash: %r raised %r", item, exc)
