@@ -144,7 +144,7 @@ class Actuator:
             pipeline.switch(config)
             self._front.config = config
             when = "now"
-        elif background and self.switchover.room_for_both(config) and pipeline.prestart(config):
+        elif background and self.switchover.room_for_both(config) and self._prestart(before, config):
             self._session.hold_windows(time.perf_counter(), self._front.step)
             when = (
                 f"from step {self._front.step}: the new workers start in the background "
@@ -174,6 +174,16 @@ class Actuator:
             started=pipeline.starting is None,
             **measured,
         )
+
+    def _prestart(self, before: LoaderConfig, config: LoaderConfig) -> bool:
+        """Starts ``config``'s workers in the background; a change that also turns persistent
+        workers on turns the running ones persistent first, so that should the epoch end
+        before the new workers have started, the running ones serve the next epoch too (and
+        the start goes on) instead of starting again."""
+        kept = before.replace(persistent_workers=True)
+        if config.persistent_workers and kept != before and self._pipeline.persist_in_place(kept):
+            self._front.config = kept
+        return self._pipeline.prestart(config)
 
     def _bounded(self, config: LoaderConfig, kind: str) -> LoaderConfig:
         """``config`` within what cannot be traded for speed: an IterableDataset not known to

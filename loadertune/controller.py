@@ -115,7 +115,9 @@ class Controller:
         allow_batch_size: Whether batch-size changes are allowed.
         lr_exponent: Learning-rate rule as an exponent of the batch ratio.
         min_gain: Least relative gain a change must promise (from the time the loop waits)
-            to be tried: twice this (default 5%, so 10%).
+            to be tried: twice this (default 5%, so 10%). A trial that ends on its estimate
+            alone still keeps a gain this large (reverts a cheaper change's loss this large)
+            ~95% of the time (``trial.final_bar``).
         drift_share: Relative drop of throughput, or rise of wait share into the input-bound
             range, that re-opens tuning once converged (default 25%).
         cooldown_s: Least time between two changes.
@@ -124,8 +126,9 @@ class Controller:
         z: Standard errors a difference must clear to decide early (default 2: above the
             one-sided 1.645 because the test looks after every window).
         max_windows: Most windows a trial measures on each side before deciding on the
-            estimate alone (default 24: ~48 s at the session's 2 s windows, only when the
-            difference stays close to the bar).
+            estimate alone (default 40: ~80 s at the session's 2 s windows, only when the
+            difference stays close to the bar: a ±5% change on a noisy loop needs about
+            that many to be decided right 95% of the time).
         window_noise: Prior relative spread between windows at one configuration (default 2%);
             the spread measured during the run replaces it as evidence accumulates.
         min_horizon_s: Least time a change is expected to run for, to pay back its rebuild
@@ -148,7 +151,7 @@ class Controller:
         cooldown_s: float = 0.0,
         tie_band: float = 0.03,
         z: float = 2.0,
-        max_windows: int = 24,
+        max_windows: int = 40,
         window_noise: float = 0.02,
         min_horizon_s: float = 30.0,
         allow_persistent: bool = True,
@@ -214,10 +217,21 @@ class Controller:
         self.costs.started(now_s - metrics.duration_s)
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
         persist = self._persist()
-        if persist is not None:
+        if persist is not None and (self._trial is not None or self.converged):
             return persist
         if self._trial is not None:
             return self._judge(metrics, now_s)
+        step = self._step(metrics, diagnosis, now_s)
+        if persist is None or step.action != "change":
+            return persist or step
+        # Turning persistent costs nothing and the step is judged as any other: both go in one
+        # change, so slowly starting workers do not wait a window longer for the step.
+        return dataclasses.replace(step, reason=f"{persist.reason}; {step.reason}")
+
+    def _step(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
+        """The decision on a window when no trial is under way: hold, re-tune, measure the
+        current configuration again, or change."""
+        rate = metrics.samples_per_s
         self._remember(metrics)
         if self.converged and (diagnosis.kind == "memory_bound" or self._over_budget(metrics)):
             # Memory keeps growing after convergence (caches fill): limits are never on hold.
@@ -421,6 +435,7 @@ class Controller:
             z=self.z,
             max_windows=self.max_windows,
             revert_cost=self.costs.revert_cost(self.config, trial.previous, now_s),
+            min_effect=self.min_gain,
         )
         before, after = mean_rate(trial.before), mean_rate(trial.after)
         if verdict == "measure":

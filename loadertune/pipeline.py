@@ -287,11 +287,17 @@ class LoaderPipeline:
             )
             self._point()
 
+    def persist_in_place(self, config: LoaderConfig) -> bool:
+        """Switches to ``config`` without a rebuild when it only turns persistent_workers on
+        for the loader running now (its workers are kept: no stall); False when it does not."""
+        if not self._keep_alive(config):
+            return False
+        self.config = config
+        self.rebuilds += 1
+        return True
+
     def _rebuild(self, config: LoaderConfig, handoff_ok: bool) -> int:
-        if self._keep_alive(config):
-            # Only persistent_workers turns on: the running workers are kept (no stall).
-            self.config = config
-            self.rebuilds += 1
+        if self.persist_in_place(config):
             return 0
         stream = self._stream
         # Built (not started) first: a configuration torch refuses raises here, with the old

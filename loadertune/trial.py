@@ -20,6 +20,7 @@ __all__ = [
     "WindowNoise",
     "WindowSample",
     "compare_windows",
+    "final_bar",
     "is_cheaper",
     "mean_rate",
     "spread",
@@ -28,8 +29,11 @@ __all__ = [
 
 # Windows' worth of evidence behind the prior between-window spread.
 _PRIOR_DOF = 4
-# Windows after a change before it may be reverted.
-_MIN_REVERT_WINDOWS = 2
+# Windows after a change before a verdict may go the way a tie goes (revert a costlier change,
+# keep a cheaper one).
+_MIN_TIE_SIDE_WINDOWS = 3
+# Standard errors by which a gain of the least effect clears the final bar (see final_bar).
+_Z_POWER = 2.0
 
 
 @dataclass(frozen=True)
@@ -227,15 +231,18 @@ class Trial:
         z: float,
         max_windows: int,
         revert_cost: float = 0.0,
+        min_effect: float = 0.05,
     ) -> tuple[Literal["keep", "revert", "measure"], Comparison | None]:
         """Adds one window after the change and tests it.
 
         Returns:
             The verdict ("measure": not yet clear, measure another window) and the comparison
             it stands on (None while either side has no window: with nothing to compare
-            against the change is kept, a window without batches is measured again). A revert
-            needs two windows after the change; after ``max_windows`` the estimate decides
-            alone, and within the band the cheaper configuration wins.
+            against the change is kept, a window without batches is measured again). A revert,
+            and a cheaper change's keep, need three windows after the change; after ``max_windows`` the estimate decides
+            alone against :func:`final_bar`: a gain of ``min_effect`` is still kept (a loss
+            of it, for a cheaper change, reverted) ~95% of the time, and a tie the estimate
+            cannot split goes to the cheaper configuration.
         """
         if sample is not None:
             self.after.append(sample)
@@ -252,13 +259,36 @@ class Trial:
             z=z,
             revert_cost=revert_cost,
         )
-        if cmp.verdict == "revert" and len(self.after) < min(_MIN_REVERT_WINDOWS, max_windows):
-            # One window never reverts: the first after a rebuild can be an outlier (a burst
-            # from another process, workers still warming), and a revert caps that setting for
-            # the rest of the run.
+        tie_side = "keep" if self.cheaper else "revert"
+        if cmp.verdict in ("revert", tie_side) and len(self.after) < min(_MIN_TIE_SIDE_WINDOWS, max_windows):
+            # A window or two never revert: the first after a rebuild can be an outlier (a
+            # burst from another process, workers still warming), and a revert caps that
+            # setting for the rest of the run. Nor do they keep a cheaper change: with a
+            # precise "before" the first looks are where a sequential test errs most (half
+            # the wrong verdicts at ±5% on a noisy loop, bench/ACCURACY.md), and the tie's
+            # side is the verdict the noise of a few windows leans to.
             return "measure", cmp
         if cmp.verdict != "undecided":
             return cmp.verdict, cmp
         if len(self.after) < max_windows:
             return "measure", cmp
-        return ("keep" if math.log1p(cmp.gain) > math.log1p(cmp.bar) else "revert"), cmp
+        return ("keep" if math.log1p(cmp.gain) > final_bar(cmp, cheaper=self.cheaper, min_effect=min_effect) else "revert"), cmp
+
+
+def final_bar(cmp: Comparison, *, cheaper: bool, min_effect: float) -> float:
+    """The log gain the estimate alone must beat once a trial has measured all its windows.
+
+    The tie band's edge alone keeps a true gain of ``min_effect`` (a costlier change) only as
+    often as the noise allows: 85% at +5% on a noisy loop (bench/ACCURACY.md), with a 1.6%
+    standard error and the edge at +3%. So the bar moves toward no change until a gain of
+    ``min_effect`` clears it by two standard errors; never past no change, so a tie the
+    estimate cannot split still goes to the cheaper configuration. Two, not the one-sided
+    95% quantile 1.645: the trials still open at the last window are the ones whose early
+    looks read low, so their estimates lean toward the bar. A cheaper change mirrors it: a
+    loss of ``min_effect`` is reverted.
+    """
+    bar = math.log1p(cmp.bar)
+    reach = _Z_POWER * cmp.stderr
+    if not cheaper:
+        return min(bar, max(0.0, math.log1p(min_effect) - reach))
+    return max(bar, min(0.0, math.log1p(-min_effect) + reach))

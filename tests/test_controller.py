@@ -241,6 +241,20 @@ def test_worker_start_up_at_every_epoch_switches_to_persistent_workers():
     assert c.decide(m, diagnose(m, c.config), now_s=10.0).action != "change" or c.config.persistent_workers
 
 
+def test_start_up_and_a_worker_step_go_in_one_change():
+    # Spawn-started workers (issue 13): a window more for the step costs seconds of a slow start,
+    # so persistence and the step go together; the step is judged against the persistent start.
+    cfg = LoaderConfig(num_workers=2, batch_size=16)
+    c = _controller(cfg)
+    c.costs.note_startup(1.9, 6.0)
+    m0 = metrics(wait_share=0.6, wait_s_per_batch=0.03, compute_s_per_batch=0.02, batches_per_s=20, samples_per_s=320)
+    d = c.decide(m0, diagnose(m0, cfg), now_s=5.0)
+    assert d.action == "change" and d.config.persistent_workers and d.config.num_workers > 2
+    assert "persistent_workers=True starts them once; " in d.reason and "workers keep up" in d.reason
+    r, _ = _decide_until_not_measuring(c, metrics(samples_per_s=200.0), 10.0)
+    assert r.action == "revert" and r.config == cfg.replace(persistent_workers=True)
+
+
 def test_small_start_up_or_no_permission_keeps_workers_as_they_are():
     cfg = LoaderConfig(num_workers=4, batch_size=32)
     c = _controller(cfg)

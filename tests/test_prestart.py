@@ -298,3 +298,31 @@ def test_a_start_still_under_way_at_close_is_reported_and_never_counted(tmp_path
     # The reconfigure to 0 workers ran; the decision for 1 worker never did.
     assert summary["changes"] == 1 and summary["final_config"]["num_workers"] == 0
     assert not _prestart_threads()
+
+
+@pytest.mark.timeout(120)
+def test_a_change_that_also_persists_turns_the_running_workers_persistent_first(tmp_path):
+    # The tuner's one change for a slow start (issue 13): persistent_workers on, and more of them.
+    # The running workers turn persistent in place, so when the epoch ends before the new ones
+    # have started they serve the next epoch too, and the start goes on.
+    hold = tmp_path / "hold"
+    n = 200
+    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)))
+    with quiet(loader, mode="apply") as t:
+        it = iter(t)
+        got = flat([next(it) for _ in range(2)])  # the running worker has started
+        hold.touch()
+        _decide(t, num_workers=2, persistent_workers=True)
+        assert t._pipeline.starting is not None
+        assert t.config == LoaderConfig.from_loader(loader).replace(persistent_workers=True)
+        got += flat(it)  # the running worker ends the epoch
+        assert got == list(range(n))
+        it = iter(t)
+        assert t._pipeline.starting is not None, "the start goes on into the next epoch"
+        second = flat([next(it)])
+        hold.unlink()
+        second += _next_after_start(it, t, "ready")
+        second += flat(it)
+        assert second == list(range(n))
+        assert t.config.num_workers == 2 and t.config.persistent_workers
+    assert not _prestart_threads()
