@@ -105,9 +105,12 @@ class Controller:
     window weighted alike and carrying its own noise plus the spread measured between windows.
     A change is kept when its gain clears ``+tie_band`` (``-tie_band`` for a cheaper one:
     within the band the cheaper configuration wins) by ``z`` standard errors, reverted when it
-    misses by as much, and otherwise measured for another window, up to ``max_windows``.
-    Before a change whose gain could be small, the old configuration is measured until its
-    mean is about as precise as the test needs.
+    misses by as much, and otherwise measured for another window, up to ``max_windows``;
+    then the estimate decides alone, against a bar that still keeps a gain of ``min_gain``
+    ~95% of the time (``trial.final_bar``). A revert, and a cheaper change's keep, take at
+    least three windows after the change. Before a change whose gain could be small, the old
+    configuration is measured until its mean is about as precise as the test needs (at most
+    ``max_windows``).
 
     Args:
         config: The configuration in use at the start.
@@ -125,10 +128,12 @@ class Controller:
             configuration wins (default 3%).
         z: Standard errors a difference must clear to decide early (default 2: above the
             one-sided 1.645 because the test looks after every window).
-        max_windows: Most windows a trial measures on each side before deciding on the
+        max_windows: Most windows a trial measures after a change before deciding on the
             estimate alone (default 40: ~80 s at the session's 2 s windows, only when the
             difference stays close to the bar: a ±5% change on a noisy loop needs about
-            that many to be decided right 95% of the time).
+            that many to be decided right 95% of the time). The running configuration is
+            measured for as many at most before a change whose gain could be small: the
+            precision of that side counts as much.
         window_noise: Prior relative spread between windows at one configuration (default 2%);
             the spread measured during the run replaces it as evidence accumulates.
         min_horizon_s: Least time a change is expected to run for, to pay back its rebuild
