@@ -29,7 +29,7 @@ class LoopWindow:
             batches; a window that continues from the previous one has as many.
         intervals: Batch-to-batch intervals summed in ``interval_sum_s``.
         loader_cpu_s: CPU time the loading took in the training thread, over the batches timed
-            (``num_workers=0`` only; ``loader_cpu_n`` of them).
+            (``num_workers=0`` only; ``loader_cpu_n`` of them; never an epoch's first batch).
         loop_cpu_s: CPU time of the training thread between batches, over the gaps timed
             (``loop_cpu_n`` of them).
         gaps: Batch-to-batch gaps measured (``compute_s`` is their sum).
@@ -165,7 +165,8 @@ class LoopTimer:
         last = self._last_return
         self._last_return = returned_s
         wait = returned_s - requested_s
-        if self._epoch_start:
+        first = self._epoch_start
+        if first:
             self._epoch_start = False
             if self._discard == 0:
                 self._epoch_start_wait_s += wait
@@ -188,7 +189,9 @@ class LoopTimer:
         self._batches += 1
         self._samples += samples
         self._wait_s += wait
-        if cpu_s >= 0.0:
+        if cpu_s >= 0.0 and not first:
+            # An epoch's first batch also pays once-per-epoch work (the sampler's permutation:
+            # ~50 ms of CPU for a million indices), which says nothing of a batch's loading.
             self._cpu_s += cpu_s
             self._cpu_n += 1
         if wait > self._max_wait_s:

@@ -82,6 +82,20 @@ def test_cpu_is_summed_over_the_batches_and_gaps_timed():
     assert w.loader_cpu_s == pytest.approx(0.4) and w.loader_cpu_n == 4 and w.batches == 5
 
 
+def test_an_epochs_first_batch_is_not_a_batchs_loading_cpu():
+    # The demo's first look (issue 13 follow-up): shuffling a million indices at the epoch's first
+    # batch read as 59 ms of loading CPU per batch over 4 batches (2.7 ms each after), which
+    # capped the first step at 4-5 workers "by CPU" on a load that only waits.
+    timer = LoopTimer()
+    timer.epoch_started()
+    timer.record(0.0, 0.2, 32, cpu_s=0.22)
+    for i in range(1, 4):
+        timer.record(i * 0.2, i * 0.2 + 0.13, 32, cpu_s=0.003)
+    w = timer.take()
+    assert w.loader_cpu_n == 3 and w.loader_cpu_s == pytest.approx(0.009)
+    assert w.batches == 4 and w.epoch_starts == 1
+
+
 def test_regular_loop_reads_no_noise_in_every_window():
     # Issue 13: a fresh 10-batch window (the first, or the first after a warm-up discard) read
     # 8-10% relative error for a perfectly regular loop, later windows 0.
