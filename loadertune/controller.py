@@ -218,7 +218,6 @@ class Controller:
 
     def decide(self, metrics: WindowMetrics, diagnosis: Diagnosis, now_s: float) -> Decision:
         """Takes one decision on a window measured after any warm-up."""
-        rate = metrics.samples_per_s
         self.costs.started(now_s - metrics.duration_s)
         self.known_load_s = remember_load(metrics, self.config, self.bounds, self.known_load_s)
         persist = self._persist()

@@ -239,10 +239,10 @@ class Trial:
             The verdict ("measure": not yet clear, measure another window) and the comparison
             it stands on (None while either side has no window: with nothing to compare
             against the change is kept, a window without batches is measured again). A revert,
-            and a cheaper change's keep, need three windows after the change; after ``max_windows`` the estimate decides
-            alone against :func:`final_bar`: a gain of ``min_effect`` is still kept (a loss
-            of it, for a cheaper change, reverted) ~95% of the time, and a tie the estimate
-            cannot split goes to the cheaper configuration.
+            and a cheaper change's keep, need three windows after the change; after
+            ``max_windows`` the estimate decides alone against :func:`final_bar`: a gain of
+            ``min_effect`` is still kept (a loss of it, for a cheaper change, reverted) ~95% of
+            the time, and a tie the estimate cannot split goes to the cheaper configuration.
         """
         if sample is not None:
             self.after.append(sample)
@@ -265,14 +265,15 @@ class Trial:
             # burst from another process, workers still warming), and a revert caps that
             # setting for the rest of the run. Nor do they keep a cheaper change: with a
             # precise "before" the first looks are where a sequential test errs most (half
-            # the wrong verdicts at ±5% on a noisy loop, bench/ACCURACY.md), and the tie's
-            # side is the verdict the noise of a few windows leans to.
+            # the wrong verdicts at ±5% on a noisy slow loop in a 300-trial check of
+            # bench/accuracy.py's model came from them).
             return "measure", cmp
         if cmp.verdict != "undecided":
             return cmp.verdict, cmp
         if len(self.after) < max_windows:
             return "measure", cmp
-        return ("keep" if math.log1p(cmp.gain) > final_bar(cmp, cheaper=self.cheaper, min_effect=min_effect) else "revert"), cmp
+        bar = final_bar(cmp, cheaper=self.cheaper, min_effect=min_effect)
+        return ("keep" if math.log1p(cmp.gain) > bar else "revert"), cmp
 
 
 def final_bar(cmp: Comparison, *, cheaper: bool, min_effect: float) -> float:

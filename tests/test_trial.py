@@ -8,7 +8,15 @@ import pytest
 from _factories import metrics
 
 from loadertune.config import LoaderConfig
-from loadertune.trial import Comparison, Trial, WindowNoise, WindowSample, compare_windows, final_bar, window_sample
+from loadertune.trial import (
+    Comparison,
+    Trial,
+    WindowNoise,
+    WindowSample,
+    compare_windows,
+    final_bar,
+    window_sample,
+)
 
 
 def test_a_cheaper_change_within_the_band_is_kept_and_a_costlier_one_reverted():
