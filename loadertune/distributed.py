@@ -360,7 +360,7 @@ def fork_guard(collective: Collective | None = None) -> Iterator[bool]:
     quiet = collective.quiesce() if collective is not None else True
     if not quiet:
         logger.warning(
-            "loadertune: forking DataLoader workers while one of loadertune's collectives is in "
+            "forking DataLoader workers while one of loadertune's collectives is in "
             "flight; the workers may abort at exit"
         )
     gc.collect()

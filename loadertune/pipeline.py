@@ -399,7 +399,7 @@ class LoaderPipeline:
         try:
             self._inner, self._it = pre.loader, pre.finish()
         except RuntimeError:
-            logger.warning("loadertune: the loader started in the background could not take over; starting it now")
+            logger.warning("the loader started in the background could not take over; starting it now")
             new = self._build(self._stream, pre.config)
             self._inner = new
             try:

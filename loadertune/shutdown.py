@@ -118,11 +118,11 @@ def _shutdown_iterator(it: Any) -> None:
         if _names_other_workers(exc, workers):
             # A worker of a loader still in use (the new one) died: that is the caller's news.
             raise
-        logger.warning("loadertune: shutting down old DataLoader workers: %s (ignored)", exc)
+        logger.warning("shutting down old DataLoader workers: %s (ignored)", exc)
     except Exception as exc:
         # Its pids unregistered, torch's handler cannot raise for these workers; what is left (a
         # queue broken by a worker that died mid-write) concerns only workers being discarded.
-        logger.warning("loadertune: shutting down old DataLoader workers: %r (ignored)", exc)
+        logger.warning("shutting down old DataLoader workers: %r (ignored)", exc)
     finally:
         try:
             _reap(workers)
@@ -134,7 +134,7 @@ def _shutdown_iterator(it: Any) -> None:
         code = w.exitcode
         if code not in (0, None):
             logger.warning(
-                "loadertune: old DataLoader worker (pid %s) %s during shutdown (ignored: its "
+                "old DataLoader worker (pid %s) %s during shutdown (ignored: its "
                 "batches were no longer needed)",
                 w.pid,
                 _describe_exit(code),
@@ -210,7 +210,7 @@ def _reap(workers: list[Any]) -> None:
                 w.kill()
                 w.join(_KILL_WAIT_S)
             if w.exitcode is None:
-                logger.warning("loadertune: DataLoader worker (pid %s) survived SIGKILL", w.pid)
+                logger.warning("DataLoader worker (pid %s) survived SIGKILL", w.pid)
         except (OSError, ValueError, AssertionError) as exc:
             # A closed Process object (ValueError) or one this process did not start
             # (AssertionError, after a fork): nothing more can be done from here.
