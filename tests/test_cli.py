@@ -293,7 +293,7 @@ def demo_run(tmp_path_factory):
     r = loadertune(
         "demo",
         "--seconds",
-        "6",
+        "5",
         "--step-ms",
         f"{DEMO_STEP_MS:g}",
         "--sample-ms",
@@ -325,7 +325,7 @@ def test_demo_speeds_up_the_loader(demo_run):
     assert doc["final_config"]["num_workers"] > 0
     assert doc["initial_config"]["num_workers"] == 0
     assert doc["rebuilds"] >= 1
-    assert doc["seconds"] >= 6
+    assert doc["seconds"] >= 5
     # The options reach the run: the batch size is what the loop got, and the rates stay under
     # the ceilings the simulated costs set (sleeps never end early, so no load can break these):
     # at num_workers=0 a batch costs its samples' waits plus the step; the step alone bounds

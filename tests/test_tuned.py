@@ -194,18 +194,20 @@ def test_random_reconfigurations_keep_exactly_once_and_order_across_epochs(plan,
                 assert got == expected
 
 
-def test_two_hundred_rebuilds_leak_nothing():
+def test_a_hundred_rebuilds_leak_nothing():
+    # 50 worker starts and stops: a descriptor or child left per rebuild shows 25-fold over the
+    # slack the assertions allow.
     proc = psutil.Process()
     fds = proc.num_fds()
     children = len(proc.children(recursive=True))
-    with quiet(DataLoader(Indexed(4000), batch_size=4)) as t:
+    with quiet(DataLoader(Indexed(2000), batch_size=4)) as t:
         seen = []
         for step, b in enumerate(t):
             seen.extend(b.tolist())
-            if step < 200:
+            if step < 100:
                 t.reconfigure(num_workers=(step + 1) % 2, prefetch_factor=1 + step % 3)
-        assert t.rebuilds == 200
-    assert seen == list(range(4000))
+        assert t.rebuilds == 100
+    assert seen == list(range(2000))
     assert len(proc.children(recursive=True)) == children
     assert proc.num_fds() <= fds + 2
 
