@@ -311,7 +311,9 @@ def test_an_interrupt_while_iter_starts_the_workers(monkeypatch, k):
 
 
 _SMOKE = """
-import os, signal, sys, time
+import faulthandler, os, signal, sys, time
+# A hang (seen once in a full-suite run, never reproduced alone) leaves its threads' stacks.
+faulthandler.dump_traceback_later(60, exit=False)
 import torch
 from torch.utils.data import DataLoader, Dataset
 import loadertune
@@ -353,13 +355,19 @@ def test_a_real_sigint_in_a_rebuild_heavy_job_exits_and_leaves_no_process(tmp_pa
     pidfile, flag = tmp_path / "pid", tmp_path / "flag"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, str(script), marker, str(pidfile), str(flag)],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        env=env,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), marker, str(pidfile), str(flag)],
+            capture_output=True,
+            text=True,
+            timeout=80,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr or ""
+        if isinstance(err, bytes):
+            err = err.decode(errors="replace")
+        pytest.fail(f"the job did not exit 80 s after its SIGINT; its threads at 60 s:\n{err[-6000:]}")
     assert flag.exists(), proc.stderr[-2000:]
     assert "finished without the interrupt" not in proc.stdout
     assert "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
