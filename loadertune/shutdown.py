@@ -32,6 +32,8 @@ logger = logging.getLogger("loadertune")
 _TERM_WAIT_S = 2.0
 _KILL_WAIT_S = 5.0
 # How torch's SIGCHLD handler and iterator name dead workers.
+# Seconds to wait for a lock of an iterator being stopped before taking it as left held for good.
+_LOCK_WAIT_S = 1.0
 _WORKER_PIDS = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\)")
 
 
@@ -92,9 +94,7 @@ def abort_iterator(it: Any) -> None:
     """
     it._shutdown = True  # torch's __del__ must not run its shutdown on a half-built iterator
     unregister(it)
-    done = getattr(it, "_workers_done_event", None)
-    if done is not None:
-        done.set()
+    _set_done(it)
     try:
         _reap(list(getattr(it, "_workers", None) or []))
     finally:
@@ -112,6 +112,16 @@ def _shutdown_iterator(it: Any) -> None:
         return
     unregister(it)
     workers = list(getattr(it, "_workers", None) or [])
+    held = _held_locks(it)
+    if held:
+        # torch's shutdown would wait on that lock forever: stop the workers without it.
+        logger.info(
+            "stopping DataLoader workers without torch's shutdown: the lock of its %s was left "
+            "held (by a process killed, or an interrupt, while it held it)",
+            " and ".join(held),
+        )
+        it._shutdown = True
+        shutdown = _no_shutdown
     try:
         shutdown()
     except RuntimeError as exc:
@@ -141,23 +151,67 @@ def _shutdown_iterator(it: Any) -> None:
             )
 
 
-def _close_queues(it: Any) -> None:
-    """Closes an iterator's queues once its workers are gone: both pipe ends now, rather than
-    whenever the queue objects are collected, and their feeder threads told to exit."""
+def _no_shutdown() -> None:
+    pass
+
+
+def _lock_free(lock: Any) -> bool:
+    """Whether ``lock`` can be taken within ``_LOCK_WAIT_S`` (it is released at once)."""
+    if not lock.acquire(True, _LOCK_WAIT_S):
+        return False
+    lock.release()
+    return True
+
+
+def _held_locks(it: Any) -> list[str]:
+    """What torch's shutdown of ``it`` would wait on forever: the done event's lock (a worker
+    terminated inside ``is_set()`` keeps it), a queue's ``notempty`` lock (a ``put`` cut by an
+    interrupt right after taking it)."""
+    held = []
     done = getattr(it, "_workers_done_event", None)
-    if done is not None:
+    cond = getattr(done, "_cond", None)
+    if cond is not None and not _lock_free(cond):
+        held.append("workers' done event")
+    for q in _queues(it):
+        notempty = getattr(q, "_notempty", None)
+        if notempty is not None and not _lock_free(notempty):
+            held.append("index queue" if q in (getattr(it, "_index_queues", None) or []) else "result queue")
+    return held
+
+
+def _set_done(it: Any) -> None:
+    """Sets the iterator's workers-done event, unless its lock was left held (see above)."""
+    done = getattr(it, "_workers_done_event", None)
+    if done is None:
+        return
+    cond = getattr(done, "_cond", None)
+    if cond is None or _lock_free(cond):
         done.set()
-    pin_done = getattr(it, "_pin_memory_thread_done_event", None)
-    pin = getattr(it, "_pin_memory_thread", None)
-    if pin_done is not None and pin is not None:
-        pin_done.set()
-        pin.join(1.0)
+
+
+def _queues(it: Any) -> list[Any]:
     queues = list(getattr(it, "_index_queues", None) or [])
     for name in ("_worker_result_queue", "_data_queue"):
         q = getattr(it, name, None)
         if q is not None and all(q is not other for other in queues):
             queues.append(q)
-    for q in queues:
+    return queues
+
+
+def _close_queues(it: Any) -> None:
+    """Closes an iterator's queues once its workers are gone: both pipe ends now, rather than
+    whenever the queue objects are collected, and their feeder threads told to exit."""
+    _set_done(it)
+    pin_done = getattr(it, "_pin_memory_thread_done_event", None)
+    pin = getattr(it, "_pin_memory_thread", None)
+    if pin_done is not None and pin is not None:
+        pin_done.set()
+        pin.join(1.0)
+    for q in _queues(it):
+        notempty = getattr(q, "_notempty", None)
+        if notempty is not None and not _lock_free(notempty):
+            _drop_stuck(q)
+            continue
         try:
             q.cancel_join_thread()
             q.close()
@@ -174,6 +228,22 @@ def _close_queues(it: Any) -> None:
     # Everything torch's _shutdown_workers does is done: a later call must not put into the
     # closed queues.
     it._shutdown = True
+
+
+def _drop_stuck(q: Any) -> None:
+    """Closes a queue whose ``notempty`` lock was left held: its close (now, or multiprocessing's
+    at interpreter exit) would wait on that lock forever, so that finalizer is cancelled and the
+    pipe ends are closed directly; its feeder thread (a daemon) is stuck on the lock for good."""
+    q._closed = True
+    for name in ("_close", "_jointhread"):
+        finalizer = getattr(q, name, None)
+        if finalizer is not None:
+            with contextlib.suppress(Exception):
+                finalizer.cancel()
+            setattr(q, name, None)
+    for end in ("_reader", "_writer"):
+        with contextlib.suppress(Exception):
+            getattr(q, end).close()
 
 
 def _names_other_workers(exc: BaseException, workers: list[Any]) -> bool:

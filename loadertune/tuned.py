@@ -24,6 +24,7 @@ from loadertune.diagnosis import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
 from loadertune.follower import BatchFollower
+from loadertune.interrupts import sigint_held
 from loadertune.metrics import WindowMetrics
 from loadertune.options import MODES, Mode, OnStall, TuneOptions
 from loadertune.pipeline import LoaderPipeline, stream_kind
@@ -280,11 +281,12 @@ class TunedLoader:
         pipeline = self._pipeline
         if pipeline.src_it is not None and pipeline.in_epoch:
             self.epoch += 1  # the previous epoch was left early
-        if pipeline.start_epoch():
-            self.config = pipeline.config
-            self._follower.epoch_started(self.step)
-        self._epochs_started += 1
-        self._actuator.note_workers()
+        with sigint_held():  # the epoch's workers start here (see loadertune.interrupts)
+            if pipeline.start_epoch():
+                self.config = pipeline.config
+                self._follower.epoch_started(self.step)
+            self._epochs_started += 1
+            self._actuator.note_workers()
         self._session.epoch_started(step=self.step, config=self.config)
         # Each iter() supersedes the iterators before it: loadertune owns the epoch's sample
         # stream, so two live iterators would split one epoch between them without a word.
@@ -446,11 +448,12 @@ class TunedLoader:
             return
         self._closed = True
         try:
-            if self._stall is not None:
-                self._stall.close()
-            if self._pipeline.starting is not None:
-                self._actuator.switchover.give_up("the loader was closed first")
-            self._pipeline.shutdown()
+            with sigint_held():
+                if self._stall is not None:
+                    self._stall.close()
+                if self._pipeline.starting is not None:
+                    self._actuator.switchover.give_up("the loader was closed first")
+                self._pipeline.shutdown()
         except BaseException:
             # Interrupted (Ctrl-C) while stopping the workers: a second close(), or the one at
             # interpreter exit, finishes the job.
@@ -501,8 +504,9 @@ class TunedLoader:
         if new.batch_size != self.config.batch_size and new.batch_size and self.config.batch_size:
             factor = (new.batch_size / self.config.batch_size) ** self._session.lr_exponent
         described = ", ".join(f"{k}={v!r}" for k, v in changes.items())
-        self._actuator.change(new, "reconfigure", f"reconfigure({described})", lr_factor=factor)
-        self._session.controller.note_external_change(self.config)
+        with sigint_held():
+            self._actuator.change(new, "reconfigure", f"reconfigure({described})", lr_factor=factor)
+            self._session.controller.note_external_change(self.config)
         return self.config
 
     @contextlib.contextmanager
@@ -516,7 +520,9 @@ class TunedLoader:
         try:
             yield
         except torch.OutOfMemoryError:
-            if not self._actuator.undo_batch_increase():
+            with sigint_held():
+                undone = self._actuator.undo_batch_increase()
+            if not undone:
                 raise
 
     # -- epochs and windows --------------------------------------------------------------------
@@ -525,6 +531,11 @@ class TunedLoader:
         self.epoch += 1
 
     def _on_window(self, now: float, batch: Any) -> None:
+        # A window's decision can start and stop workers (see loadertune.interrupts).
+        with sigint_held():
+            self._window(now, batch)
+
+    def _window(self, now: float, batch: Any) -> None:
         if self._session.windows_held:
             # New workers are starting in the background: no window until they serve.
             self._actuator.switchover.check(now)
@@ -620,18 +631,23 @@ class _Epoch:
                 break
             except StopIteration:
                 tl._wait_since = 0.0
-                if pipeline.starting is not None:
-                    tl._actuator.switchover.at_epoch_end()
-                if pipeline.finish_drain() or pipeline.resume_unfinished():
+                with sigint_held():  # workers stop (and start) here
+                    if pipeline.starting is not None:
+                        tl._actuator.switchover.at_epoch_end()
+                    go_on = pipeline.finish_drain() or pipeline.resume_unfinished()
+                    if go_on:
+                        tl._actuator.note_workers()
+                    else:
+                        tl._end_epoch()
+                if go_on:
                     # The old loader has handed over all it had in flight (or was cut short with
                     # samples left): on to the new one.
-                    tl._actuator.note_workers()
                     continue
-                tl._end_epoch()
                 raise
             except Exception as exc:
                 tl._wait_since = 0.0
-                tl._actuator.after_failure(it, exc)
+                with sigint_held():
+                    tl._actuator.after_failure(it, exc)
             except BaseException:
                 tl._wait_since = 0.0
                 raise

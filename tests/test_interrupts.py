@@ -13,6 +13,7 @@ import contextlib
 import gc
 import multiprocessing.process
 import os
+import signal
 import threading
 import time
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import loadertune
 import loadertune.shutdown as shutdown_module
+from loadertune.interrupts import sigint_held
 from loadertune.pipeline import LoaderPipeline
 from loadertune.stream import EpochStream
 from tests._factories import flat as _flat
@@ -405,4 +407,98 @@ def test_an_interrupt_in_close_is_finished_by_a_second_close(monkeypatch, point)
     assert once.fired
     t.close()
     del t, it
+    _assert_back_to(baseline)
+
+
+# -- loadertune.interrupts: Ctrl-C held while workers start or stop -----------------------------
+def _press() -> None:
+    os.kill(os.getpid(), signal.SIGINT)  # delivered to this (the main) thread before kill returns
+
+
+def test_a_sigint_in_a_held_block_is_raised_when_the_block_ends():
+    reached = []
+    with pytest.raises(KeyboardInterrupt) as caught, sigint_held():
+        _press()
+        reached.append("after the press")
+    assert reached == ["after the press"]
+    assert caught.value.__context__ is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_sigint_in_a_held_block_raises_at_once_and_once():
+    reached = []
+    with pytest.raises(KeyboardInterrupt) as caught, sigint_held():
+        _press()
+        reached.append(1)
+        _press()
+        reached.append(2)
+    assert reached == [1]
+    assert caught.value.__context__ is None  # not a second KeyboardInterrupt at the block's end
+
+
+def test_a_held_sigint_goes_to_the_scripts_own_handler():
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with sigint_held():
+            _press()
+            assert seen == []
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_nested_held_block_leaves_the_press_to_the_outer_one():
+    order = []
+    with pytest.raises(KeyboardInterrupt), sigint_held():
+        with sigint_held():
+            _press()
+        order.append("inner ended")
+    assert order == ["inner ended"]
+
+
+def test_a_held_block_outside_the_main_thread_runs_as_it_is():
+    errors = []
+
+    def body():
+        try:
+            with sigint_held():
+                pass
+        except Exception as exc:  # signal.signal() raises ValueError outside the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert errors == []
+
+
+def test_a_real_sigint_during_a_rebuild_comes_after_it_and_the_epoch_goes_on(monkeypatch):
+    # Ctrl-C while the new loader's first worker starts: before, the rebuild was cut there and
+    # the rest of the epoch refused; now the rebuild finishes, then the KeyboardInterrupt comes.
+    baseline = _snapshot()
+    t = _tuned()
+    try:
+        it = iter(t)
+        got = [next(it) for _ in range(3)]
+        pressed = []
+        real_start = multiprocessing.process.BaseProcess.start
+
+        def start(self):
+            if not pressed:
+                pressed.append(True)
+                _press()
+            return real_start(self)
+
+        with monkeypatch.context() as m:
+            m.setattr(multiprocessing.process.BaseProcess, "start", start)
+            with pytest.raises(KeyboardInterrupt):
+                t.reconfigure(num_workers=3, batch_size=8)
+        assert pressed
+        assert t.config.num_workers == 3 and t.config.batch_size == 8
+        got += list(it)
+        assert _flat(got) == list(range(N))  # exactly once, in order
+    finally:
+        t.close()
+    del t, it, got  # the batches hold shared-memory descriptors
     _assert_back_to(baseline)

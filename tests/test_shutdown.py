@@ -172,3 +172,54 @@ def test_only_other_iterators_deaths_are_passed_on() -> None:
         RuntimeError("DataLoader worker (pid(s) 12, 99) exited unexpectedly"), ours
     )
     assert not _names_other_workers(RuntimeError("something else"), ours)
+
+
+
+_HELD_LOCK_JOB = """
+import logging, sys
+from torch.utils.data import DataLoader
+from loadertune.shutdown import shutdown_loader
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+loader = DataLoader(list(range(64)), batch_size=4, num_workers=2, multiprocessing_context="fork")
+it = iter(loader)
+next(it)
+workers = list(it._workers)
+if sys.argv[1] == "done":
+    # A worker terminated inside done_event.is_set() (torch's finally after an interrupted
+    # join) keeps the event's lock for good; torch's shutdown sets the event first.
+    it._workers_done_event._cond.acquire()
+else:
+    # A put() cut by Ctrl-C right after it took the queue's lock: torch's shutdown (put(None))
+    # and multiprocessing's close of the queue at interpreter exit both take it.
+    it._index_queues[0]._notempty.acquire()
+shutdown_loader(loader, it)
+print("stopped", [w.exitcode is not None for w in workers], flush=True)
+"""
+
+
+@pytest.mark.parametrize("lock", ["done", "queue"])
+def test_a_lock_left_held_lets_the_shutdown_and_the_exit_finish(tmp_path: Any, lock: str) -> None:
+    # Held by the job itself, which cannot take it twice either: before, it never exited.
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(_HELD_LOCK_JOB)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    job = subprocess.Popen(
+        [sys.executable, str(script), lock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # a hung job's workers (blocked on the lock too) go with it
+    )
+    try:
+        out, err = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, err = job.communicate()
+        pytest.fail(f"the job did not exit within 60 s: stdout {out!r}")
+    proc = subprocess.CompletedProcess(job.args, job.returncode, out, err)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped [True, True]" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    held = "workers' done event" if lock == "done" else "index queue"
+    assert f"the lock of its {held} was left held" in proc.stderr

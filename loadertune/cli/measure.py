@@ -21,6 +21,7 @@ from typing import Any
 from loadertune.cli import UsageError, sweep
 from loadertune.cli import _output as out
 from loadertune.cli.target import Target
+from loadertune.interrupts import sigint_held
 
 __all__ = ["DEFAULT_BATCH_SIZE", "SweepOutcome", "loader_factory", "measure_point", "run_sweep"]
 
@@ -228,7 +229,7 @@ def measure_point(
     it: Any = None
     try:
         with _sigint_between_batches() as pressed:
-            with warnings.catch_warnings(), _sigint_deferred():
+            with warnings.catch_warnings(), sigint_held():
                 # torch warns past its suggested worker count; the sweep goes there on purpose.
                 warnings.filterwarnings("ignore", message=TORCH_WORKER_WARNING)
                 it = iter(loader)
@@ -341,7 +342,7 @@ def _point(
 
 def _shutdown(it: Any, loader: Any) -> None:
     # Persistent workers live on the loader's own iterator too; both must go.
-    with _sigint_deferred():
+    with sigint_held():
         for holder in (it, getattr(loader, "_iterator", None)):
             shutdown = getattr(holder, "_shutdown_workers", None)
             if shutdown is not None:
@@ -373,30 +374,6 @@ def _sigint_between_batches() -> Iterator[list[int]]:
         yield pressed
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Holds Ctrl-C while workers start or stop, and raises it once they have.
-
-    A KeyboardInterrupt raised inside the fork of a worker lands in an at-fork hook, which
-    swallows it ("Exception ignored in ..."): the user's Ctrl-C would be lost and the sweep go on.
-    Workers forked meanwhile inherit the holding handler, so they leave Ctrl-C to this process,
-    which shuts them down.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(
-            signal.SIGINT, previous if previous is not None else signal.default_int_handler
-        )
-    if pending:
-        raise KeyboardInterrupt
 
 
 def _worker_mem_bytes(it: Any, num_workers: int) -> int | None:
