@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from loadertune import shm
@@ -374,6 +375,11 @@ class LoaderPipeline:
         new = self._build(stream, config, worker_init_fn=Started(self.worker_init_fn, semaphore))
         with torch_warnings_once():
             new.check_worker_number_rationality()
+        if new.pin_memory and not torch.accelerator.is_available():
+            # torch turns pinning off itself here, but warns at every iterator it builds: on the
+            # background thread that warning cannot be caught (catching there would catch the
+            # training thread's too), and it was shown once already.
+            new.pin_memory = False
         gate = Gate()
         self._sampler_of(new).gate = gate
         self.starting = Prestart(new, config, gate, semaphore, construct_iterator)

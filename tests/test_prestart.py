@@ -12,10 +12,13 @@ import logging
 import multiprocessing
 import threading
 import time
+import warnings
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
+from loadertune import building
 from loadertune.config import LoaderConfig
 from loadertune.pipeline import LoaderPipeline
 from loadertune.prestart import Gate, Started, slow_start_method
@@ -32,7 +35,9 @@ def _resource_tracker():
     resource_tracker.ensure_running()
 
 
-def _spawn_loader(n: int, init, *, workers: int = 1, batch_size: int = 4, persistent: bool = False) -> DataLoader:
+def _spawn_loader(
+    n: int, init, *, workers: int = 1, batch_size: int = 4, persistent: bool = False, pin_memory: bool = False
+) -> DataLoader:
     return DataLoader(
         Indexed(n),
         batch_size=batch_size,
@@ -40,6 +45,7 @@ def _spawn_loader(n: int, init, *, workers: int = 1, batch_size: int = 4, persis
         multiprocessing_context="spawn",
         worker_init_fn=init,
         persistent_workers=persistent,
+        pin_memory=pin_memory,
     )
 
 
@@ -145,13 +151,22 @@ def test_a_new_worker_that_dies_while_starting_leaves_the_job_on_the_old_loader(
 
 
 @pytest.mark.timeout(120)
-def test_the_old_loader_serves_while_new_workers_start_then_hands_over(tmp_path, caplog):
+def test_the_old_loader_serves_while_new_workers_start_then_hands_over(tmp_path, caplog, monkeypatch):
     # Persistent workers: the old loader serves the rest of the epoch and the next epoch's
     # start while the new worker cannot finish starting, then hands over mid-epoch.
     hold = tmp_path / "hold"
     n = 400
-    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)), persistent=True)
-    with quiet(loader, mode="apply") as t, caplog.at_level(logging.INFO, "loadertune"):
+    # pin_memory without an accelerator: torch warns at every iterator it builds, the one built
+    # on the background thread too; the run shows it once.
+    monkeypatch.setattr(building, "_WARNED", set())
+    pin = torch.accelerator.is_available()
+    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)), persistent=True, pin_memory=not pin)
+    with (
+        warnings.catch_warnings(record=True) as shown,
+        quiet(loader, mode="apply") as t,
+        caplog.at_level(logging.INFO, "loadertune"),
+    ):
+        warnings.simplefilter("always")
         it = iter(t)
         first = flat([next(it) for _ in range(5)])
         hold.touch()
@@ -170,7 +185,9 @@ def test_the_old_loader_serves_while_new_workers_start_then_hands_over(tmp_path,
         # Every sample once, in the sampler's order: the old loader's in-flight batches came
         # first, then the new loader took over from where the old one stopped drawing.
         assert first == list(range(n)) and second == list(range(n))
-        assert t.config == LoaderConfig(num_workers=1, batch_size=4, prefetch_factor=4, persistent_workers=True)
+        assert t.config == LoaderConfig(
+            num_workers=1, batch_size=4, prefetch_factor=4, persistent_workers=True, pin_memory=not pin
+        )
         change = [e for e in t.events if e.kind == "change"][-1]
         assert change.step == 5
         assert any("start in the background (spawn)" in r.getMessage() for r in caplog.records)
@@ -178,6 +195,9 @@ def test_the_old_loader_serves_while_new_workers_start_then_hands_over(tmp_path,
         assert len(switched) == 1 and "prefetch_factor=4" in switched[0]
         assert flat(t) == list(range(n))  # and the next epoch, on the new workers
     assert not _prestart_threads()
+    if not pin:
+        pinned = [w for w in shown if "pin_memory" in str(w.message)]
+        assert len(pinned) == 1, [str(w.message) for w in pinned]
 
 
 @pytest.mark.timeout(120)
