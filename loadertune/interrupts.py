@@ -19,9 +19,6 @@ from typing import Any
 
 __all__ = ["sigint_held"]
 
-# True while a sigint_held() block runs in the main thread: an inner block is part of it.
-_holding = False
-
 
 @contextlib.contextmanager
 def sigint_held() -> Iterator[None]:
@@ -32,29 +29,31 @@ def sigint_held() -> Iterator[None]:
     press inside the block is delivered at once. Outside the main thread, under a nested block,
     or when SIGINT is ignored or not handled from Python, the block runs as it is.
     """
-    global _holding
-    if _holding or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):  # SIG_IGN, SIG_DFL, or set outside Python: not ours to wrap
+    # SIG_IGN, SIG_DFL or set outside Python: not ours to wrap; an outer block's: part of it.
+    if not callable(previous) or getattr(previous, "_loadertune_hold", False):
         yield
         return
     pressed: list[Any] = []
 
     def hold(signum: int, frame: Any) -> None:
         if pressed:
-            pressed.clear()  # delivered now, not again when the block ends
-            previous(signum, frame)  # the second press: the user will not wait
+            # The second press: the user will not wait. The handler goes back first, so that
+            # whatever the delivery raises, nothing of this block stays installed.
+            pressed.clear()
+            signal.signal(signal.SIGINT, previous)
+            previous(signum, frame)
         else:
             pressed.append(frame)
 
+    hold._loadertune_hold = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGINT, hold)
-    _holding = True
     try:
         yield
     finally:
-        _holding = False
         signal.signal(signal.SIGINT, previous)
         if pressed:
             # Delivered even when the block raised: the press is the user's last word.

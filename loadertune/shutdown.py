@@ -23,6 +23,8 @@ import re
 import signal
 from typing import Any
 
+from loadertune.interrupts import sigint_held
+
 __all__ = ["abort_iterator", "abort_started", "shutdown_loader", "unregister"]
 
 logger = logging.getLogger("loadertune")
@@ -157,10 +159,11 @@ def _no_shutdown() -> None:
 
 def _lock_free(lock: Any) -> bool:
     """Whether ``lock`` can be taken within ``_LOCK_WAIT_S`` (it is released at once)."""
-    if not lock.acquire(True, _LOCK_WAIT_S):
-        return False
-    lock.release()
-    return True
+    with sigint_held():  # a Ctrl-C between the two would leave it held by this process
+        if not lock.acquire(True, _LOCK_WAIT_S):
+            return False
+        lock.release()
+        return True
 
 
 def _held_locks(it: Any) -> list[str]:

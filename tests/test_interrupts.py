@@ -434,6 +434,25 @@ def test_a_second_sigint_in_a_held_block_raises_at_once_and_once():
         reached.append(2)
     assert reached == [1]
     assert caught.value.__context__ is None  # not a second KeyboardInterrupt at the block's end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_sigint_still_comes_when_the_block_raises():
+    with pytest.raises(KeyboardInterrupt) as caught, sigint_held():
+        _press()
+        raise ValueError("the block's own error")
+    assert isinstance(caught.value.__context__, ValueError)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigint_held():
+            _press()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_held_sigint_goes_to_the_scripts_own_handler():
