@@ -21,6 +21,7 @@ import contextlib
 import logging
 import re
 import signal
+from collections.abc import Container
 from typing import Any
 
 from loadertune.interrupts import sigint_held
@@ -120,7 +121,7 @@ def _shutdown_iterator(it: Any) -> None:
         logger.info(
             "stopping DataLoader workers without torch's shutdown: the lock of its %s was left "
             "held (by a process killed, or an interrupt, while it held it)",
-            " and ".join(held),
+            " and ".join(held.values()),
         )
         it._shutdown = True
         shutdown = _no_shutdown
@@ -141,7 +142,7 @@ def _shutdown_iterator(it: Any) -> None:
         finally:
             # An interrupt inside torch's shutdown leaves its queues open (pipes, feeder
             # threads) and a second call does nothing (its _shutdown flag is set): closed here.
-            _close_queues(it)
+            _close_queues(it, held)
     for w in workers:
         code = w.exitcode
         if code not in (0, None):
@@ -166,29 +167,35 @@ def _lock_free(lock: Any) -> bool:
         return True
 
 
-def _held_locks(it: Any) -> list[str]:
-    """What torch's shutdown of ``it`` would wait on forever: the done event's lock (a worker
-    terminated inside ``is_set()`` keeps it), a queue's ``notempty`` lock (a ``put`` cut by an
-    interrupt right after taking it)."""
-    held = []
+def _held_locks(it: Any) -> dict[int, str]:
+    """What torch's shutdown of ``it`` would wait on forever, by the lock's ``id``: the done
+    event's lock (a worker terminated inside ``is_set()`` keeps it), a queue's ``notempty``
+    lock (a ``put`` cut by an interrupt right after taking it)."""
+    held = {}
     done = getattr(it, "_workers_done_event", None)
     cond = getattr(done, "_cond", None)
     if cond is not None and not _lock_free(cond):
-        held.append("workers' done event")
+        held[id(cond)] = "workers' done event"
+    index_queues = getattr(it, "_index_queues", None) or []
     for q in _queues(it):
         notempty = getattr(q, "_notempty", None)
         if notempty is not None and not _lock_free(notempty):
-            held.append("index queue" if q in (getattr(it, "_index_queues", None) or []) else "result queue")
+            held[id(notempty)] = "index queue" if any(q is i for i in index_queues) else "result queue"
     return held
 
 
-def _set_done(it: Any) -> None:
+def _usable(lock: Any, stuck: Container[int]) -> bool:
+    """Whether ``lock`` can be taken: not one already found stuck, and free now."""
+    return id(lock) not in stuck and _lock_free(lock)
+
+
+def _set_done(it: Any, stuck: Container[int] = ()) -> None:
     """Sets the iterator's workers-done event, unless its lock was left held (see above)."""
     done = getattr(it, "_workers_done_event", None)
     if done is None:
         return
     cond = getattr(done, "_cond", None)
-    if cond is None or _lock_free(cond):
+    if cond is None or _usable(cond, stuck):
         done.set()
 
 
@@ -201,10 +208,11 @@ def _queues(it: Any) -> list[Any]:
     return queues
 
 
-def _close_queues(it: Any) -> None:
+def _close_queues(it: Any, stuck: Container[int] = ()) -> None:
     """Closes an iterator's queues once its workers are gone: both pipe ends now, rather than
-    whenever the queue objects are collected, and their feeder threads told to exit."""
-    _set_done(it)
+    whenever the queue objects are collected, and their feeder threads told to exit. ``stuck``:
+    the ids of locks already found left held."""
+    _set_done(it, stuck)
     pin_done = getattr(it, "_pin_memory_thread_done_event", None)
     pin = getattr(it, "_pin_memory_thread", None)
     if pin_done is not None and pin is not None:
@@ -212,7 +220,7 @@ def _close_queues(it: Any) -> None:
         pin.join(1.0)
     for q in _queues(it):
         notempty = getattr(q, "_notempty", None)
-        if notempty is not None and not _lock_free(notempty):
+        if notempty is not None and not _usable(notempty, stuck):
             _drop_stuck(q)
             continue
         try:
