@@ -357,6 +357,38 @@ def test_a_probes_ctrl_c_is_taken_between_batches_and_a_second_one_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+class _ShortEpochs:
+    """A loader on a virtual clock whose epochs are shorter than what its workers hold in
+    flight: each epoch's first batch waits for the pipeline to refill (10 s), the rest come
+    from the backlog (1 s each)."""
+
+    batch_sampler = object()  # automatic batching: a batch is 4 samples
+    prefetch_factor = 2
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def __iter__(self):
+        import torch
+
+        for i in range(5):
+            self.now += 10.0 if i == 0 else 1.0
+            yield torch.zeros(4)
+
+
+def test_a_probe_over_short_epochs_counts_the_wait_between_them():
+    from loadertune.cli.measure import measure_point
+
+    loader = _ShortEpochs()
+    point, _ = measure_point(loader, 1, 2000.0, lambda _line: None, clock=loader.clock)
+    # A training loop over this loader makes 5 batches of 4 per 14 s; leaving the epochs'
+    # boundaries out read the backlog draining: 4 samples/s.
+    assert point.samples_per_s == pytest.approx(20 / 14, rel=0.1)
+
+
 def test_report_on_the_demo_log(demo_run):
     _, log = demo_run
     r = loadertune("report", str(log))
