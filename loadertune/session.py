@@ -568,5 +568,8 @@ def _close_open() -> None:
     for obj in list(_OPEN):
         try:
             obj.close()
+        except KeyboardInterrupt:
+            # Ctrl-C while the interpreter exits: it exits anyway, and the others still close.
+            logger.debug("Ctrl-C while closing %r at exit", obj)
         except Exception:  # exit must go on; say what was lost
             logger.warning("closing %r at exit failed", obj, exc_info=True)

@@ -447,25 +447,26 @@ class TunedLoader:
         if self._closed:
             return
         self._closed = True
-        try:
-            with sigint_held():
+        # A Ctrl-C while the workers stop comes once the summary is written (a second one at once).
+        with sigint_held():
+            try:
                 if self._stall is not None:
                     self._stall.close()
                 if self._pipeline.starting is not None:
                     self._actuator.switchover.give_up("the loader was closed first")
                 self._pipeline.shutdown()
-        except BaseException:
-            # Interrupted (Ctrl-C) while stopping the workers: a second close(), or the one at
-            # interpreter exit, finishes the job.
-            self._closed = False
-            raise
-        self._session.close(
-            step=self.step,
-            epoch=self.epoch,
-            epochs=self._epochs_started,
-            config=self.config,
-            rebuilds=self._pipeline.rebuilds,
-        )
+            except BaseException:
+                # Interrupted while stopping the workers: a second close(), or the one at
+                # interpreter exit, finishes the job.
+                self._closed = False
+                raise
+            self._session.close(
+                step=self.step,
+                epoch=self.epoch,
+                epochs=self._epochs_started,
+                config=self.config,
+                rebuilds=self._pipeline.rebuilds,
+            )
 
     # -- changes -------------------------------------------------------------------------------
     def reconfigure(self, **changes: Any) -> LoaderConfig:

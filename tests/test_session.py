@@ -234,6 +234,43 @@ def test_a_script_that_never_closes_still_writes_its_summary(tmp_path: Path) -> 
     assert "32 batches in 2 epoch(s)" in summary["text"]
 
 
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_while_the_exit_stops_the_workers_still_writes_the_summary(tmp_path: Path) -> None:
+    # The press comes while close() at interpreter exit stops the workers (sent from there, so
+    # it lands there); it is held until the summary is written, then the interpreter exits.
+    log = tmp_path / "run.jsonl"
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal
+            import torch
+            from torch.utils.data import DataLoader, TensorDataset
+            import loadertune
+            from loadertune.pipeline import LoaderPipeline
+
+            real = LoaderPipeline.shutdown
+            def shutdown(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                real(self)
+            LoaderPipeline.shutdown = shutdown
+
+            loader = loadertune.tune(
+                DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=4, num_workers=1),
+                gpu=None, host=None, log_file={str(log)!r},
+            )
+            for batch in loader:
+                pass
+            """
+        )
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr
+    kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
+    assert kinds[-1] == "summary", kinds
+
+
 def test_the_diagnosis_sees_the_batch_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     # 4 workers x prefetch 2 of 4 MiB batches against 16 MiB free in /dev/shm: memory-bound, which
     # only a diagnosis told the batch size can see.
