@@ -329,7 +329,8 @@ class TuningSession:
             diagnosis=diagnosis.to_dict(),
             **costs,
         )
-        self._log_advice(diagnosis)
+        if self.mode == "recommend" or not decide:
+            self._log_advice(diagnosis)
         if self.mode == "recommend":
             self._recommend(metrics, diagnosis, config, step, epoch)
             return None
@@ -341,6 +342,8 @@ class TuningSession:
             decision = collective.broadcast(decision, step=step)
             self.controller.adopt(decision)
         self.recommendation = decision.recommendation
+        # After the decision: advice this window's change carries out is not given.
+        self._log_advice(diagnosis, decision.config if decision.action in ("change", "revert") else None)
         if decision.action in ("change", "revert"):
             self._decided = (now_s, step)
             return decision
@@ -375,8 +378,10 @@ class TuningSession:
             metrics=metrics.to_dict(),
         )
 
-    def _log_advice(self, diagnosis: Diagnosis) -> None:
+    def _log_advice(self, diagnosis: Diagnosis, applying: LoaderConfig | None = None) -> None:
         for advice in diagnosis.advice:
+            if applying is not None and _carried_out(advice, applying):
+                continue  # "set persistent_workers=True" beside the change that sets it
             # Each finding once: the numbers in it move from window to window.
             key = re.sub(r"\d+(\.\d+)?", "#", advice)
             if key not in self._advice_logged:
@@ -537,6 +542,17 @@ def batch_nbytes(batch: Any) -> int:
     if isinstance(batch, (list, tuple)):
         return sum(batch_nbytes(v) for v in batch)
     return 0
+
+
+_SETTING = re.compile(r"set (\w+)=(True|False)\b")
+
+
+def _carried_out(advice: str, config: LoaderConfig) -> bool:
+    """Whether ``advice`` asks for a setting ("set pin_memory=True") that ``config`` has."""
+    settings = _SETTING.findall(advice)
+    return bool(settings) and all(
+        str(getattr(config, name, None)) == value for name, value in settings
+    )
 
 
 def _make_collective(timeout_s: float) -> Any:

@@ -271,6 +271,42 @@ def test_a_ctrl_c_while_the_exit_stops_the_workers_still_writes_the_summary(tmp_
     assert kinds[-1] == "summary", kinds
 
 
+_STALL_ADVICE = "Each epoch starts with a 1.35 s stall while workers start; set persistent_workers=True to keep them between epochs."
+
+
+@pytest.mark.parametrize("persists", [True, False])
+def test_apply_mode_leaves_out_advice_its_own_change_carries_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, persists: bool
+) -> None:
+    # Apply mode turning persistent workers on must not tell the user, in the same breath, to
+    # set persistent_workers=True; a change that does something else leaves the advice standing.
+    import dataclasses
+
+    from loadertune import session as session_module
+    from loadertune.controller import Decision
+
+    real = session_module.diagnose
+    monkeypatch.setattr(
+        session_module, "diagnose", lambda *a, **k: dataclasses.replace(real(*a, **k), advice=(_STALL_ADVICE,))
+    )
+    config = LoaderConfig(num_workers=2, batch_size=4)
+    after = config.replace(persistent_workers=True) if persists else config.replace(num_workers=3)
+    session = TuningSession(TuneOptions(mode="apply", **FAST), config, batch_resizable=True)
+    monkeypatch.setattr(session.controller, "decide", lambda *a, **k: Decision("change", after, "test"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="loadertune"):
+            session.epoch_started(0.0, 0)
+            decision = None
+            for step in range(1, 6):
+                decided = session.record(step - 1.0, step - 0.5, 4, None, step=step, epoch=0, config=config)
+                decision = decision or decided
+    finally:
+        session.close(step=5, epoch=0, epochs=1, config=config)
+    assert decision is not None and decision.config == after
+    said = [r.getMessage() for r in caplog.records if "persistent_workers=True" in r.getMessage()]
+    assert said == ([] if persists else [_STALL_ADVICE])
+
+
 def test_the_diagnosis_sees_the_batch_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     # 4 workers x prefetch 2 of 4 MiB batches against 16 MiB free in /dev/shm: memory-bound, which
     # only a diagnosis told the batch size can see.
