@@ -497,7 +497,7 @@ class Controller:
             return None
         new = c.replace(persistent_workers=True)
         reason = (
-            f"workers take ~{costs.startup_s:.1f} s to start, {share:.0%} of every epoch; "
+            f"workers take ~{_duration(costs.startup_s or 0.0)} to start, {share:.0%} of every epoch; "
             "persistent_workers=True starts them once"
         )
         rec = Recommendation(config=new, reason=reason, changes=c.diff(new), forced=True)
@@ -514,3 +514,8 @@ class Controller:
     def _converge(self, metrics: WindowMetrics, rate: float | None = None) -> None:
         self.converged = True
         self.drift.anchor(rate if rate is not None else metrics.samples_per_s, metrics.wait_share)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: "1.4 s", "40 ms" (never "0.0 s")."""
+    return f"{seconds:.1f} s" if seconds >= 0.95 else f"{seconds * 1e3:.0f} ms"

@@ -304,7 +304,7 @@ def plan(
             at_least = estimate.needed > target and target == bounds.max_workers
             reason = (
                 f"one worker makes a batch in {estimate.load_s_per_batch * 1e3:.0f} ms and the loop "
-                f"takes {_per_s(estimate.demand_batches_per_s)} batches/s: about {estimate.needed} "
+                f"could take {_per_s(estimate.demand_batches_per_s)} batches/s: about {estimate.needed} "
                 f"workers keep up{bound}"
             )
     elif kind == "cpu_bound" and estimate is not None:

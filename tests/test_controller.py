@@ -334,3 +334,11 @@ def test_slowly_starting_workers_double_per_change():
     assert k.action == "keep"
     d = c.decide(m1, diagnose(m1, c.config), now_s=6.0)
     assert d.action == "change" and d.config.num_workers == 4
+
+
+def test_a_start_up_under_a_second_is_said_in_milliseconds():
+    from loadertune.controller import _duration
+
+    assert _duration(0.04) == "40 ms"  # was "~0.0 s to start" in the reason for persistence
+    assert _duration(0.949) == "949 ms"
+    assert _duration(1.36) == "1.4 s"
