@@ -565,3 +565,23 @@ def test_a_binding_cpu_quota_throttling_and_memory_limit_are_called_out():
     assert any("quota of 2 cores binds although 8 CPUs are visible" in n for n in notes)
     assert any("throttled this container 17 times" in n for n in notes)
     assert any("memory limit of 8.0 GiB" in n for n in notes)
+
+
+def test_progress_and_status_into_a_file_are_lines_not_one_redrawn_line():
+    # `loadertune demo 2>log` once wrote every update onto one line of \r redraws.
+    import io
+
+    from loadertune.cli._output import Progress, StatusLine
+
+    buf = io.StringIO()  # not a terminal
+    with Progress(10, stream=buf) as progress:
+        for i in range(50):
+            progress.update(i * 0.1, f"step {i}")
+    with StatusLine(stream=buf) as status:
+        for i in range(50):
+            status.update(f"status {i}")
+        status.message("a message")
+    out = buf.getvalue()
+    assert "\r" not in out and "\x1b" not in out
+    # (all within the 5 s between lines: the first of each, the message, the final status)
+    assert out.splitlines() == ["[....................]    0/10 s  step 0", "status 0", "a message", "status 49"]

@@ -2,7 +2,8 @@
 
 rich is an optional extra (``loadertune[rich]``): with it tables are boxed and the progress bar
 and status line are drawn by rich on a terminal; without it (or when stderr is not a terminal)
-the same information comes as aligned plain text and a one-line ``\\r`` counter.
+the same information comes as aligned plain text and a one-line ``\\r`` counter on a terminal,
+or a line every few seconds in a file or a pipe.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ __all__ = [
 
 # Redraws of a plain `\r` line per second at most: more only costs the terminal.
 _PLAIN_HZ = 4.0
+# Not a terminal (a file, a pipe): a progress line of its own every this many seconds at most,
+# where a `\r` redraw would pile every update onto one line.
+_LOG_EVERY_S = 5.0
 
 
 def rich_available() -> bool:
@@ -48,11 +52,6 @@ def _is_tty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _erase(stream: TextIO) -> str:
-    # Clears the rest of a redrawn line on a terminal; in a log file it would only be noise.
-    return "\x1b[K" if _is_tty(stream) else ""
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -191,14 +190,14 @@ class Progress:
             self._rich.update(self._task, completed=min(completed, self.total), description=text)
             return
         now = time.monotonic()
-        if now - self._last_draw < 1.0 / _PLAIN_HZ:
+        tty = _is_tty(self._stream)
+        if now - self._last_draw < (1.0 / _PLAIN_HZ if tty else _LOG_EVERY_S):
             return
         self._last_draw = now
         filled = int(20 * min(1.0, completed / self.total))
         bar = "#" * filled + "." * (20 - filled)
-        self._stream.write(
-            f"\r[{bar}] {completed:4.0f}/{self.total:.0f} s  {text}{_erase(self._stream)}"
-        )
+        line = f"[{bar}] {completed:4.0f}/{self.total:.0f} s  {text}"
+        self._stream.write(f"\r{line}\x1b[K" if tty else f"{line}\n")
         self._stream.flush()
         self._drawn = True
 
@@ -206,8 +205,8 @@ class Progress:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
-        elif self._drawn:
-            self._stream.write("\r\x1b[K" if _is_tty(self._stream) else "\n")
+        elif self._drawn and _is_tty(self._stream):
+            self._stream.write("\r\x1b[K")
             self._stream.flush()
 
 
@@ -224,6 +223,9 @@ class StatusLine:
         self._stream = stream or sys.stderr
         self._live: Any = None
         self._text = ""
+        self._tty = _is_tty(self._stream)
+        self._last_line = -math.inf
+        self._shown = ""  # the status last written as a line of its own (not a terminal)
 
     def __enter__(self) -> StatusLine:
         if self.enabled and _is_tty(self._stream) and rich_available():
@@ -247,7 +249,15 @@ class StatusLine:
 
             self._live.update(Text(text), refresh=True)
             return
-        self._stream.write(f"\r{text}{_erase(self._stream)}")
+        if not self._tty:
+            now = time.monotonic()
+            if now - self._last_line < _LOG_EVERY_S:
+                return
+            self._last_line, self._shown = now, text
+            self._stream.write(f"{text}\n")
+            self._stream.flush()
+            return
+        self._stream.write(f"\r{text}\x1b[K")
         self._stream.flush()
 
     def message(self, text: str) -> None:
@@ -257,10 +267,13 @@ class StatusLine:
         if self._live is not None:
             self._live.console.print(text, highlight=False, markup=False)
             return
-        erase = _erase(self._stream)
-        self._stream.write(f"\r{text}{erase}\n")
+        if not self._tty:
+            self._stream.write(f"{text}\n")
+            self._stream.flush()
+            return
+        self._stream.write(f"\r{text}\x1b[K\n")
         if self._text:
-            self._stream.write(f"{self._text}{erase}")
+            self._stream.write(f"{self._text}\x1b[K")
         self._stream.flush()
 
     def __exit__(self, *exc: object) -> None:
@@ -269,7 +282,11 @@ class StatusLine:
             self._live = None
         elif self.enabled and self._text:
             # Leave the last status on screen: it is the final state of the run.
-            self._stream.write("\n")
+            if not self._tty:
+                if self._text != self._shown:
+                    self._stream.write(f"{self._text}\n")
+            else:
+                self._stream.write("\n")
             self._stream.flush()
 
 
