@@ -126,6 +126,17 @@ def test_first_and_last_rates():
     assert r["speedup"] == pytest.approx(7.45)
 
 
+def test_the_runs_own_summary_gives_the_throughput_when_it_closed():
+    # The log's summary line and the report must tell one story: the summary's steady rates
+    # (epoch starts included) over the windows' (which leave them out).
+    events = apply_run()
+    events[-1] = ev("summary", 6, final_config=cfg(8), text="summary", first_samples_per_s=177.0, last_samples_per_s=437.0)
+    r = summarize_run(events)
+    assert (r["first_samples_per_s"], r["last_samples_per_s"], r["throughput_from"]) == (177.0, 437.0, "summary")
+    assert r["speedup"] == pytest.approx(437 / 177, abs=1e-3)
+    assert summarize_run(apply_run()[:-1])["throughput_from"] == "windows"  # a run that never closed
+
+
 def test_recommendations_in_recommend_mode():
     r = summarize_run(recommend_run())
     assert r["mode"] == "recommend"

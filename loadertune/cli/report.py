@@ -92,7 +92,9 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         ``from_s``, ``to_s``, ``config``, ``windows``, ``samples_per_s``, ``wait_share``,
         ``diagnosis``), ``changes`` (each with ``at_s``, ``kind``, ``changes``, ``reason``,
         ``before_samples_per_s``, ``after_samples_per_s``, ``outcome``), ``recommendations``,
-        ``retunes``, ``first_samples_per_s``, ``last_samples_per_s``, ``speedup``, and the raw
+        ``retunes``, ``first_samples_per_s``, ``last_samples_per_s``, ``speedup`` (from the run's
+        summary when it closed, else from its first and last windows: ``throughput_from`` says
+        which), and the raw
         ``series`` of windows (``t_s``, ``samples_per_s``, ``wait_share``, ``num_workers``).
     """
     start = next((e for e in events if e.get("kind") == "start"), None)
@@ -118,8 +120,16 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         for w in windows
     ]
     rates = [s["samples_per_s"] for s in series if s["samples_per_s"] is not None]
-    first = rates[0] if rates else None
-    last = rates[-1] if rates else None
+    # The run's own figures when it closed (the steady pace before the first change and after
+    # the last, the same numbers its summary line logged), else the first and last windows.
+    ran = summary or {}
+    if _num(ran.get("first_samples_per_s")) and _num(ran.get("last_samples_per_s")):
+        first, last = _num(ran["first_samples_per_s"]), _num(ran["last_samples_per_s"])
+        basis = "summary"
+    else:
+        first = rates[0] if rates else None
+        last = rates[-1] if rates else None
+        basis = "windows"
     initial = (start or {}).get("config") or (windows[0].get("config") if windows else None)
     final = (summary or {}).get("final_config") or (
         windows[-1].get("config") if windows else initial
@@ -143,6 +153,7 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         "first_samples_per_s": first,
         "last_samples_per_s": last,
         "speedup": round(last / first, 3) if first and last else None,
+        "throughput_from": basis,
         "finished": summary is not None,
         "series": series,
     }
@@ -366,12 +377,17 @@ def _render(r: dict[str, Any], index: int, count: int) -> None:
     if r["retunes"]:
         print(f"\nRe-tuned {r['retunes']} time(s) after throughput or waiting drifted.")
     if r["first_samples_per_s"] and r["last_samples_per_s"]:
-        print(
-            f"\nThroughput: {out.fmt_rate(r['first_samples_per_s'])} samples/s in the first "
-            f"window, {out.fmt_rate(r['last_samples_per_s'])} in the last "
-            f"({r['speedup']:.2f}x); final config: "
-            f"{_describe(r['final_config'])}."
-        )
+        first, last = out.fmt_rate(r["first_samples_per_s"]), out.fmt_rate(r["last_samples_per_s"])
+        if r.get("throughput_from") != "summary":
+            pace = f"{first} samples/s in the first window, {last} in the last ({r['speedup']:.2f}x)"
+        elif r["changes"]:
+            pace = (
+                f"{first} samples/s steady before the first change, {last} after the last "
+                f"({r['speedup']:.2f}x, as the run's summary)"
+            )
+        else:
+            pace = f"{last} samples/s steady (as the run's summary)"
+        print(f"\nThroughput: {pace}; final config: {_describe(r['final_config'])}.")
 
 
 def _describe(config: dict[str, Any] | None) -> str:
