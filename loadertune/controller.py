@@ -59,6 +59,8 @@ class Decision:
         after_samples_per_s: Rate measured after the change (keep/revert), else None.
         lr_factor: Learning-rate factor to apply with this decision (batch-size changes).
         recommendation: The recommendation a "change" follows.
+        telling: A "hold" or "measure" worth a line in the log (once): why a change the
+            diagnosis points to is not made, or not yet.
     """
 
     action: Action
@@ -68,6 +70,7 @@ class Decision:
     after_samples_per_s: float | None = None
     lr_factor: float | None = None
     recommendation: Recommendation | None = None
+    telling: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The decision as a JSON-ready dict."""
@@ -305,6 +308,7 @@ class Controller:
                     f"not trying {describe_changes(rec.changes)}: a rebuild stalls the loop ~{stall:.1f} s, "
                     f"more than ~{max(gain, 0):.0%} over the next ~{horizon:.0f} s would pay back",
                     before_samples_per_s=rate,
+                    telling=True,
                 )
         se = self.noise.stderr(self._history)
         needed_se = self.tie_band / (2.0 * self.z)
@@ -313,8 +317,10 @@ class Controller:
                 "measure",
                 self.config,
                 f"measuring {self.config.describe()} again before trying {describe_changes(rec.changes)} "
-                f"(its rate is known to ±{se:.1%}, the test needs ±{needed_se:.1%})",
+                f"(its rate is known to ±{se:.1%}, the test needs ±{needed_se:.1%}; "
+                f"up to {self.max_windows} windows)",
                 before_samples_per_s=rate,
+                telling=True,
             )
         self._trial = Trial(
             self.config, list(self._history), rec.lr_factor, cheaper=is_cheaper(self.config, rec.config)

@@ -118,6 +118,7 @@ class TuningSession:
         self._initial = config
         self._logged_rec: Recommendation | None = None
         self._advice_logged: set[str] = set()
+        self._told: set[str] = set()
         # Rates of the whole run, from the loop's own timings: the first configuration's and the
         # one in use since the last change (every window and the partial one at the end count).
         self.rates = RunRates()
@@ -350,6 +351,14 @@ class TuningSession:
         if decision.action in _LOGGED_ACTIONS:
             logger.info("%s%s", self.log_prefix(), decision.reason)
             self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
+        elif decision.telling:
+            # Why apply mode does not (yet) make the change its diagnosis points to: once per
+            # finding, not every window (the numbers in it move).
+            key = re.sub(r"\d+(\.\d+)?", "#", decision.reason)
+            if key not in self._told:
+                self._told.add(key)
+                logger.info("%s%s", self.log_prefix(), decision.reason)
+                self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
         return None
 
     def _recommend(

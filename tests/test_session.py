@@ -307,6 +307,33 @@ def test_apply_mode_leaves_out_advice_its_own_change_carries_out(
     assert said == ([] if persists else [_STALL_ADVICE])
 
 
+def test_apply_mode_says_once_why_it_does_not_change_yet(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A user whose loop waits and whose loader stays put must read why (measuring first, or a
+    # stall that would not pay back): once, not every window, and not the routine holds.
+    from loadertune.controller import Decision
+
+    config = LoaderConfig(num_workers=0, batch_size=4)
+    events: list[Any] = []
+    session = TuningSession(TuneOptions(mode="apply", sinks=(events.append,), **FAST), config, batch_resizable=True)
+    decisions = [Decision("hold", config, "cooling down after a change")] + [
+        Decision("measure", config, f"measuring num_workers=0 again (its rate is known to ±{e:.1%})", telling=True)
+        for e in (0.05, 0.04, 0.03)
+    ]
+    monkeypatch.setattr(session.controller, "decide", lambda *a, **k: decisions.pop(0) if len(decisions) > 1 else decisions[0])
+    try:
+        with caplog.at_level(logging.INFO, logger="loadertune"):
+            session.epoch_started(0.0, 0)
+            for step in range(1, 10):
+                session.record(step - 1.0, step - 0.5, 4, None, step=step, epoch=0, config=config)
+    finally:
+        session.close(step=9, epoch=0, epochs=1, config=config)
+    said = [r.getMessage() for r in caplog.records if "measuring" in r.getMessage() or "cooling" in r.getMessage()]
+    assert said == ["measuring num_workers=0 again (its rate is known to ±5.0%)"]
+    assert [e.kind for e in events if e.kind in ("measure", "hold")] == ["measure"]
+
+
 def test_the_diagnosis_sees_the_batch_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     # 4 workers x prefetch 2 of 4 MiB batches against 16 MiB free in /dev/shm: memory-bound, which
     # only a diagnosis told the batch size can see.
