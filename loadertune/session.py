@@ -351,14 +351,10 @@ class TuningSession:
         if decision.action in _LOGGED_ACTIONS:
             logger.info("%s%s", self.log_prefix(), decision.reason)
             self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
-        elif decision.telling:
-            # Why apply mode does not (yet) make the change its diagnosis points to: once per
-            # finding, not every window (the numbers in it move).
-            key = re.sub(r"\d+(\.\d+)?", "#", decision.reason)
-            if key not in self._told:
-                self._told.add(key)
-                logger.info("%s%s", self.log_prefix(), decision.reason)
-                self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
+        elif decision.telling and _first_time(self._told, decision.reason):
+            # Why apply mode does not (yet) make the change its diagnosis points to.
+            logger.info("%s%s", self.log_prefix(), decision.reason)
+            self.events_log.emit(decision.action, step, epoch, **decision.to_dict())
         return None
 
     def _recommend(
@@ -391,10 +387,7 @@ class TuningSession:
         for advice in diagnosis.advice:
             if applying is not None and _carried_out(advice, applying):
                 continue  # "set persistent_workers=True" beside the change that sets it
-            # Each finding once: the numbers in it move from window to window.
-            key = re.sub(r"\d+(\.\d+)?", "#", advice)
-            if key not in self._advice_logged:
-                self._advice_logged.add(key)
+            if _first_time(self._advice_logged, advice):
                 logger.warning("%s%s", self.log_prefix(), advice)
 
     # -- changes -------------------------------------------------------------------------------------
@@ -551,6 +544,16 @@ def batch_nbytes(batch: Any) -> int:
     if isinstance(batch, (list, tuple)):
         return sum(batch_nbytes(v) for v in batch)
     return 0
+
+
+def _first_time(said: set[str], text: str) -> bool:
+    """Whether ``text`` is a finding not said yet (noted as said): once per finding, not every
+    window, though the numbers in it move from window to window."""
+    key = re.sub(r"\d+(\.\d+)?", "#", text)
+    if key in said:
+        return False
+    said.add(key)
+    return True
 
 
 _SETTING = re.compile(r"set (\w+)=(True|False)\b")

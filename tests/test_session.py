@@ -204,29 +204,35 @@ def test_summary_rates_come_from_the_loops_own_timings() -> None:
     assert "; 80 samples/s" in summary["text"]
 
 
-@pytest.mark.timeout(120)
-def test_a_script_that_never_closes_still_writes_its_summary(tmp_path: Path) -> None:
+def _unclosed_job(tmp_path: Path, *, workers: int = 0, prelude: str = "", epochs: int = 1) -> tuple[Any, Path]:
+    """Runs a script that tunes a 64-sample loader and never calls close(); returns the
+    completed process and its event log."""
     log = tmp_path / "run.jsonl"
     script = tmp_path / "train.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import torch
-            from torch.utils.data import DataLoader, TensorDataset
-            import loadertune
+    body = textwrap.dedent(
+        f"""
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        import loadertune
 
-            loader = loadertune.tune(
-                DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=4),
-                gpu=None, host=None, log_file={str(log)!r},
-            )
-            for epoch in range(2):
-                for batch in loader:
-                    pass
-            # no close(): most training scripts never call it
-            """
+        loader = loadertune.tune(
+            DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=4, num_workers={workers}),
+            gpu=None, host=None, log_file={str(log)!r},
         )
+        for epoch in range({epochs}):
+            for batch in loader:
+                pass
+        # no close(): most training scripts never call it
+        """
     )
+    script.write_text(textwrap.dedent(prelude) + body)
     r = subprocess.run([sys.executable, "-W", "error::ResourceWarning", str(script)], capture_output=True, text=True, timeout=100)
+    return r, log
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_never_closes_still_writes_its_summary(tmp_path: Path) -> None:
+    r, log = _unclosed_job(tmp_path, epochs=2)
     assert r.returncode == 0, r.stderr
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
     assert kinds[0] == "start" and kinds[-1] == "summary"
@@ -238,33 +244,17 @@ def test_a_script_that_never_closes_still_writes_its_summary(tmp_path: Path) -> 
 def test_a_ctrl_c_while_the_exit_stops_the_workers_still_writes_the_summary(tmp_path: Path) -> None:
     # The press comes while close() at interpreter exit stops the workers (sent from there, so
     # it lands there); it is held until the summary is written, then the interpreter exits.
-    log = tmp_path / "run.jsonl"
-    script = tmp_path / "train.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import os, signal
-            import torch
-            from torch.utils.data import DataLoader, TensorDataset
-            import loadertune
-            from loadertune.pipeline import LoaderPipeline
+    prelude = """
+        import os, signal
+        from loadertune.pipeline import LoaderPipeline
 
-            real = LoaderPipeline.shutdown
-            def shutdown(self):
-                os.kill(os.getpid(), signal.SIGINT)
-                real(self)
-            LoaderPipeline.shutdown = shutdown
-
-            loader = loadertune.tune(
-                DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=4, num_workers=1),
-                gpu=None, host=None, log_file={str(log)!r},
-            )
-            for batch in loader:
-                pass
-            """
-        )
-    )
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+        real = LoaderPipeline.shutdown
+        def shutdown(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            real(self)
+        LoaderPipeline.shutdown = shutdown
+        """
+    r, log = _unclosed_job(tmp_path, workers=1, prelude=prelude)
     assert r.returncode == 0, r.stderr
     assert "Exception ignored" not in r.stderr, r.stderr
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
