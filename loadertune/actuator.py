@@ -237,7 +237,14 @@ class Actuator:
         mode; what the load would want beyond them is said once, with the fix."""
         pipeline, session = self._pipeline, self._session
         config = self._front.config
-        room = pipeline.shm_room()
+        est = None
+        if session.metrics is not None:
+            from loadertune.planning import estimate_workers
+
+            est = estimate_workers(session.metrics, config, session.controller.bounds)
+        # Past what runs and what the load calls for, the exact room changes nothing here.
+        need = max(config.num_workers * (config.prefetch_factor or 0), est.needed if est is not None else 0)
+        room = pipeline.shm_room(enough=need)
         if room is not None:
             fitted = shm.fit(config, room[0])
             if fitted != config:
@@ -245,12 +252,8 @@ class Actuator:
                 if self._mode == "apply" and pipeline.in_epoch:
                     self.change(fitted, "fault", f"the batches in flight would not fit {pipeline.shm_path}")
                     session.controller.note_fault(fitted.replace(num_workers=fitted.num_workers + 1), fitted)
-            elif session.metrics is not None:
-                from loadertune.planning import estimate_workers
-
-                est = estimate_workers(session.metrics, config, session.controller.bounds)
-                if est is not None and est.needed > max(room[0], config.num_workers):
-                    self._warn_shm(config.replace(num_workers=est.needed), shm.fit(config.replace(num_workers=est.needed), room[0]))
+            elif est is not None and est.needed > max(room[0], config.num_workers):
+                self._warn_shm(config.replace(num_workers=est.needed), shm.fit(config.replace(num_workers=est.needed), room[0]))
         rec = session.recommendation
         cap = self._workers_cap
         if cap is not None and rec is not None and rec.config.num_workers > cap and self._mode == "recommend":

@@ -461,12 +461,13 @@ class LoaderPipeline:
         return [w.pid for it in its for w in (getattr(it, "_workers", None) or []) if w.pid is not None]
 
     # -- /dev/shm ----------------------------------------------------------------------------------
-    def shm_room(self) -> tuple[int, int] | None:
-        """Batches that may be in flight in /dev/shm, and its size (see :func:`loadertune.shm.room`);
-        None while the batch size in bytes is unknown or /dev/shm cannot be read."""
+    def shm_room(self, *, enough: int | None = None) -> tuple[int, int] | None:
+        """Batches that may be in flight in /dev/shm, and its size (see :func:`loadertune.shm.room`,
+        also for ``enough``); None while the batch size in bytes is unknown or /dev/shm cannot be
+        read."""
         if not self.batch_bytes:
             return None
-        return shm.room(self.shm_path, self.batch_bytes, self.worker_pids(), self._in_flight_batches())
+        return shm.room(self.shm_path, self.batch_bytes, self.worker_pids(), self._in_flight_batches(), enough=enough)
 
     def _in_flight_batches(self) -> int:
         n = 0
