@@ -5,7 +5,9 @@ DataLoaders on it, so it can replace the loader at any batch boundary without lo
 a sample. A change of workers hands over: the old loader stops taking indices and drains the
 batches it has in flight while the new workers start. Anything else re-queues the in-flight
 batches in front of the stream. Workers that start slowly (spawn, forkserver) are started in the
-background first, the old loader serving meanwhile (see :mod:`loadertune.prestart`).
+background first, the old loader serving meanwhile (see :mod:`loadertune.prestart`); when only
+workers are added to a persistent loader, the new ones join the running ones instead of
+replacing them (see :mod:`loadertune.group`).
 
 The per-batch path reads ``src_it`` (the iterator to call ``next`` on) and ``src_issued`` (the
 batches it was handed, oldest first), and nothing else.
@@ -40,6 +42,7 @@ from loadertune.faults import (
     dead_worker_batches,
     death_report,
 )
+from loadertune.group import GroupIterator
 from loadertune.order import EpochOrder
 from loadertune.prestart import Gate, Prestart, Started, slow_start_method
 from loadertune.shutdown import shutdown_loader
@@ -126,6 +129,10 @@ class LoaderPipeline:
         self._it: Iterator[Any] | None = None
         self._stream: EpochStream | None = None
         self._drain: _Drain | None = None
+        #: Loaders whose workers were added beside ``_inner``'s (see :mod:`loadertune.group`),
+        #: and the log of which of them drew each batch in flight (None without a group).
+        self._added: list[DataLoader] = []
+        self._log: deque[int] | None = None
         #: A rebuild's loader whose workers are starting in the background, None when none is.
         self.starting: Prestart | None = None
         #: The configuration of the last background start given up, and why (see
@@ -182,14 +189,19 @@ class LoaderPipeline:
                 self._shutdown_inner()
                 self._inner = self._build(self._stream)
             else:
-                sampler = self._inner_sampler()
-                sampler.stream = self._stream
-                sampler.issued.clear()
+                for loader in (self._inner, *self._added):
+                    self._sampler_of(loader).stream = self._stream
+                self._inner_sampler().issued.clear()  # shared by a group's loaders
             if self.starting is not None:
                 # Carried over from the last epoch (persistent workers serve this one too): the
                 # new loader draws from this epoch's stream once it takes over.
                 self._sampler_of(self.starting.loader).stream = self._stream
-            self._it = start_iterator(self._inner, self.collective)
+            if self._added:
+                self._log.clear()
+                loaders = [self._inner, *self._added]
+                self._it = GroupIterator([(lo, start_iterator(lo, self.collective)) for lo in loaders], self._log)
+            else:
+                self._it = start_iterator(self._inner, self.collective)
         self._point()
         return switched
 
@@ -206,6 +218,8 @@ class LoaderPipeline:
         if self.config.persistent_workers and self.config.num_workers > 0 and self._inner is not None:
             # torch's _reset drains a persistent iterator's in-flight batches itself.
             self._inner_sampler().issued.clear()
+            if self._log is not None:
+                self._log.clear()
         else:
             self._shutdown_inner()
         self._stream = None
@@ -336,11 +350,14 @@ class LoaderPipeline:
             and bool(self.src_issued)
         )
         if handoff:
-            sampler = self._inner_sampler()
-            sampler.closed = True
-            self._drain = _Drain(self._inner, self._it, sampler.issued)
+            for loader in (self._inner, *self._added):
+                self._sampler_of(loader).closed = True
+            issued = self._inner_sampler().issued
+            # A group drains as one: its iterator reads each loader's batches in draw order.
+            self._drain = _Drain(self._inner, self._it, issued)
             self._inner = self._it = None
-            return len(sampler.issued)
+            self._added, self._log = [], None
+            return len(issued)
         if stream is not None:
             requeue_issued(stream, self._issued_lists(), flatten=self.kind == "sampler")
         self._shutdown_inner()
@@ -372,7 +389,10 @@ class LoaderPipeline:
             return False
         ctx = self.loader.multiprocessing_context or multiprocessing.get_context()
         semaphore = ctx.Semaphore(0)
-        new = self._build(stream, config, worker_init_fn=Started(self.worker_init_fn, semaphore))
+        # Only workers added to a persistent loader: the new ones join the running ones.
+        base = c if self._joinable(config) else None
+        built = config if base is None else config.replace(num_workers=config.num_workers - c.num_workers)
+        new = self._build(stream, built, worker_init_fn=Started(self.worker_init_fn, semaphore))
         with torch_warnings_once():
             new.check_worker_number_rationality()
         if new.pin_memory and not torch.accelerator.is_available():
@@ -382,17 +402,42 @@ class LoaderPipeline:
             new.pin_memory = False
         gate = Gate()
         self._sampler_of(new).gate = gate
-        self.starting = Prestart(new, config, gate, semaphore, construct_iterator)
+        self.starting = Prestart(new, config, gate, semaphore, construct_iterator, base=base)
         return True
+
+    def _joinable(self, config: LoaderConfig) -> bool:
+        """Whether ``config`` only adds workers to the persistent loader running now, so that the
+        new workers can serve beside the running ones (see :mod:`loadertune.group`)."""
+        c = self.config
+        return (
+            c.persistent_workers
+            and c.num_workers > 0
+            and config.num_workers > c.num_workers
+            and config == c.replace(num_workers=config.num_workers)
+            and self._drain is None
+            and self._inner is not None
+            and (self._added or hasattr(self._it, "_workers"))
+        )
 
     def finish_prestart(self) -> int:
         """Switches to the loader whose workers started in the background, at this batch
-        boundary; returns the old loader's batches in flight (delivered first). Should the
+        boundary; returns the old loader's batches in flight (delivered first). Workers added
+        to the running ones join them instead (nothing handed over: returns 0). Should the
         started iterator not come (its thread failed at the last moment), a loader at the new
         configuration is started here instead, as a rebuild would."""
         pre, self.starting = self.starting, None
         if pre is None:
             raise ReconfigureError("no DataLoader is starting in the background")
+        if pre.base is not None:
+            if pre.base == self.config and self._joinable(pre.config):
+                try:
+                    self._join(pre)
+                    return 0
+                except RuntimeError:
+                    logger.warning("the workers started in the background could not join the running ones; starting them all now")
+            else:
+                pre.abort()
+            return self.rebuild(pre.config)
         try:
             in_flight = self._hand_over(pre.config, True)
         except BaseException as exc:
@@ -418,6 +463,29 @@ class LoaderPipeline:
             self._inner._iterator = self._it  # as iter() keeps a persistent loader's iterator
         self._point()
         return in_flight
+
+    def _join(self, pre: Prestart) -> None:
+        """Adds the loader whose workers started in the background beside the running one(s):
+        from this batch on both draw from the stream, read in the order they drew.
+
+        Raises:
+            RuntimeError: Its iterator could not be started (nothing changed).
+        """
+        first = self._inner_sampler()
+        log = self._log if self._log is not None else deque([0] * len(first.issued))
+        new = self._sampler_of(pre.loader)
+        # Read by its sampler once the gate opens: its first draws land in the shared lists.
+        new.issued, new.log, new.tag = first.issued, log, len(self._added) + 1
+        it = pre.finish()
+        first.log = log
+        parts = self._it.parts if isinstance(self._it, GroupIterator) else [(self._inner, self._it)]
+        pre.loader._iterator = it  # as iter() keeps a persistent loader's iterator
+        self._it = GroupIterator([*parts, (pre.loader, it)], log)
+        self._added.append(pre.loader)
+        self._log = log
+        self.config = pre.config
+        self.rebuilds += 1
+        self._point()
 
     def abort_prestart(self, why: str, *, wait: bool = False) -> None:
         """Abandons workers starting in the background (the current loader goes on); ``why``
@@ -586,9 +654,14 @@ class LoaderPipeline:
     def _shutdown_inner(self) -> None:
         self.abort_prestart("the running loader was replaced")
         self._shutdown_drain()
+        if self._added and not isinstance(self._it, GroupIterator):
+            # The group's iterator was lost (a failed start): stop each added loader's own.
+            for loader in self._added:
+                _shutdown(loader, getattr(loader, "_iterator", None))
         _shutdown(self._inner, self._it)
         self._it = None
         self._inner = None
+        self._added, self._log = [], None
         self.src_it = self.src_issued = None
 
     def _shutdown_drain(self) -> None:
@@ -602,6 +675,10 @@ def _shutdown(loader: DataLoader | None, it: Any) -> None:
     worker's abnormal exit while it stops is logged, never raised (see :mod:`loadertune.shutdown`)."""
     if isinstance(it, _Failed):
         it = None
+    if isinstance(it, GroupIterator):
+        for part, part_it in it.parts:
+            shutdown_loader(part, part_it)
+        return
     shutdown_loader(loader, it)
 
 

@@ -121,6 +121,9 @@ class Prestart:
         start: Builds the iterator (torch's multi-process iterator); runs on the thread.
         timeout_s: Longest the workers may take to start before the start is given up
             (default ``PRESTART_TIMEOUT_S``).
+        base: The configuration running now when the new loader holds only the workers added to
+            it, to serve beside the running ones (see :mod:`loadertune.group`); None when it
+            replaces them. ``config`` is the whole configuration either way.
 
     Attributes:
         started_s: ``time.perf_counter()`` when the workers began to start.
@@ -136,9 +139,11 @@ class Prestart:
         start: Callable[[Any], Any],
         *,
         timeout_s: float | None = None,
+        base: Any = None,
     ) -> None:
         self.loader = loader
         self.config = config
+        self.base = base
         self._gate = gate
         self._semaphore = semaphore
         self._start = start
@@ -179,13 +184,14 @@ class Prestart:
             return f"starting them failed: {self._error!r}"
         it = self._gate.iterator
         if it is not None:
-            while self.ready_workers < self.config.num_workers and self._semaphore.acquire(False):
+            workers = self.loader.num_workers
+            while self.ready_workers < workers and self._semaphore.acquire(False):
                 self.ready_workers += 1
             for w in it._workers:
                 code = w.exitcode
                 if code is not None:
                     return f"a new worker (pid {w.pid}) exited with code {code} while starting"
-            if self.ready_workers >= self.config.num_workers:
+            if self.ready_workers >= workers:
                 return "ready"
         elif not self._thread.is_alive():
             return "starting them failed: the iterator was never built"

@@ -412,7 +412,9 @@ class TuningSession:
         if started:
             self.rates.changed()
         warm = self._warm
-        if warm is not None and warm.step == step and not warm.extended:
+        # (A change whose workers start in the background holds the windows instead: its
+        # warm-up comes at the switch.)
+        if started and warm is not None and warm.step == step and not warm.extended:
             warm.extended = True
             warm.new_workers = after.num_workers > 0 and (
                 (before.num_workers, before.batch_size) != (after.num_workers, after.batch_size)

@@ -280,6 +280,9 @@ class StallWatch:
 
 def _holder(it: Any) -> tuple[int | None, bool]:
     """The process loading the batch the loop waits for: (pid, whether it is a worker)."""
+    head = getattr(it, "head", None)  # a group's loader holding the next batch
+    if head is not None:
+        it = head
     workers = getattr(it, "_workers", None)
     if not workers:
         return os.getpid(), False

@@ -111,6 +111,9 @@ class StreamBatchSampler:
         closed: Once set, hands out no more batches (the loader drains what it has in flight).
         gate: Set on a loader whose workers start in the background: its first draw waits
             there until the switch (see :mod:`loadertune.prestart`).
+        log: Set on loaders that serve together (see :mod:`loadertune.group`): each draw
+            appends ``tag`` to it, so the batches are read in the order they were drawn.
+        tag: This loader's place in its group.
     """
 
     def __init__(
@@ -123,6 +126,8 @@ class StreamBatchSampler:
         self.issued: deque[list[Any]] = deque()
         self.closed = False
         self.gate: Any = None
+        self.log: deque[int] | None = None
+        self.tag = 0
 
     def __iter__(self) -> Iterator[list[Any]]:
         if not _through(self):
@@ -135,14 +140,14 @@ class StreamBatchSampler:
             batch = stream.take(size)
             if len(batch) < size:
                 if batch and not self.drop_last:
-                    issued.append(batch)
+                    _issue(self, issued, batch)
                     yield batch if key is None else [key(i) for i in batch]
                 elif batch:
                     # Dropped for now, not lost: a rebuild at a smaller batch size may still
                     # make a full batch of them, as the untuned loader at that size would.
                     stream.requeue(batch)
                 return
-            issued.append(batch)
+            _issue(self, issued, batch)
             yield batch if key is None else [key(i) for i in batch]
 
 
@@ -153,7 +158,7 @@ class StreamSampler:
     Attributes:
         issued: Items handed out and not yet consumed, oldest first.
         closed: Once set, hands out no more items.
-        gate: As :class:`StreamBatchSampler`'s.
+        gate, log, tag: As :class:`StreamBatchSampler`'s.
     """
 
     def __init__(self, stream: EpochStream, key: Callable[[Any], Any] | None = None) -> None:
@@ -162,6 +167,8 @@ class StreamSampler:
         self.issued: deque[Any] = deque()
         self.closed = False
         self.gate: Any = None
+        self.log: deque[int] | None = None
+        self.tag = 0
 
     def __iter__(self) -> Iterator[Any]:
         if not _through(self):
@@ -173,13 +180,22 @@ class StreamSampler:
                 item = self.stream.next_item()
             except StopIteration:
                 return
-            issued.append(item)
+            _issue(self, issued, item)
             if key is None:
                 yield item
             elif isinstance(item, list):
                 yield [key(i) for i in item]
             else:
                 yield key(item)
+
+
+def _issue(sampler: StreamBatchSampler | StreamSampler, issued: deque[Any], item: Any) -> None:
+    """Records ``item`` as handed out (and, in a group, which loader drew it: read per draw, as
+    a loader joins a group mid-epoch)."""
+    issued.append(item)
+    log = sampler.log
+    if log is not None:
+        log.append(sampler.tag)
 
 
 def _through(sampler: StreamBatchSampler | StreamSampler) -> bool:

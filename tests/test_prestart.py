@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from loadertune import building
 from loadertune.config import LoaderConfig
+from loadertune.group import GroupIterator
 from loadertune.pipeline import LoaderPipeline
 from loadertune.prestart import Gate, Started, slow_start_method
 from loadertune.session import PRESTART_POLL_S
@@ -324,16 +325,18 @@ def test_a_start_still_under_way_at_close_is_reported_and_never_counted(tmp_path
 def test_a_change_that_also_persists_turns_the_running_workers_persistent_first(tmp_path):
     # The tuner's one change for a slow start (issue 13): persistent_workers on, and more of them.
     # The running workers turn persistent in place, so when the epoch ends before the new ones
-    # have started they serve the next epoch too, and the start goes on.
+    # have started they serve the next epoch too, and the start goes on. Only the added worker
+    # starts: it joins the running one (loadertune.group), which keeps serving beside it.
     hold = tmp_path / "hold"
     n = 200
     loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)))
     with quiet(loader, mode="apply") as t:
         it = iter(t)
         got = flat([next(it) for _ in range(2)])  # the running worker has started
+        running = set(t._pipeline.worker_pids())
         hold.touch()
         _decide(t, num_workers=2, persistent_workers=True)
-        assert t._pipeline.starting is not None
+        assert t._pipeline.starting is not None and t._pipeline.starting.loader.num_workers == 1
         assert t.config == LoaderConfig.from_loader(loader).replace(persistent_workers=True)
         got += flat(it)  # the running worker ends the epoch
         assert got == list(range(n))
@@ -342,7 +345,93 @@ def test_a_change_that_also_persists_turns_the_running_workers_persistent_first(
         second = flat([next(it)])
         hold.unlink()
         second += _next_after_start(it, t, "ready")
+        assert isinstance(t._pipeline._it, GroupIterator)
+        pids = set(t._pipeline.worker_pids())
+        assert running < pids and len(pids) == 2
         second += flat(it)
         assert second == list(range(n))
         assert t.config.num_workers == 2 and t.config.persistent_workers
+        assert flat(t) == list(range(n))  # both loaders reset for the next epoch, none restarted
+        assert set(t._pipeline.worker_pids()) == pids
     assert not _prestart_threads()
+
+
+# -- workers added beside the running ones (loadertune.group) ---------------------------------------
+@pytest.fixture()
+def _fork_starts_slowly(monkeypatch):
+    # The group's bookkeeping does not depend on how workers start: fork-started workers taken
+    # for slow ones keep these tests fast.
+    from loadertune import actuator, pipeline, tuned
+
+    for module in (actuator, pipeline, tuned):
+        monkeypatch.setattr(module, "slow_start_method", lambda loader: "forkserver")
+
+
+def _fork_group(n: int, *, shuffle: bool = False):
+    """A tuned fork loader of 1 persistent worker with 2 more joined after 4 batches."""
+    loader = DataLoader(
+        Indexed(n), batch_size=4, num_workers=1, persistent_workers=True, shuffle=shuffle,
+        multiprocessing_context="fork", generator=torch.Generator().manual_seed(3),
+    )
+    t = quiet(loader, mode="apply")
+    it = iter(t)
+    got = [next(it) for _ in range(4)]
+    _decide(t, num_workers=3)
+    got.append(_next_after_start(it, t, "ready"))
+    assert isinstance(t._pipeline._it, GroupIterator)
+    return t, it, flat(got)
+
+
+@pytest.mark.timeout(60)
+def test_a_group_hands_over_to_a_replacement_without_losing_a_sample(_fork_starts_slowly):
+    t, it, got = _fork_group(400)
+    with t:
+        got += flat([next(it) for _ in range(5)])
+        t.reconfigure(num_workers=1, prefetch_factor=3)  # the group drains as one
+        assert t._pipeline._added == []
+        got += flat(it)
+        assert got == list(range(400))
+        assert len(t._pipeline.worker_pids()) == 1
+        assert flat(t) == list(range(400))
+
+
+@pytest.mark.timeout(60)
+def test_a_group_adds_more_workers_again(_fork_starts_slowly):
+    t, it, got = _fork_group(400)
+    with t:
+        _decide(t, num_workers=5)
+        assert t._pipeline.starting.loader.num_workers == 2
+        got += _next_after_start(it, t, "ready")
+        assert len(t._pipeline._it.parts) == 3 and len(t._pipeline.worker_pids()) == 5
+        got += flat(it)
+        assert got == list(range(400))
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_taken_in_a_group_resumes_exactly_where_it_was(_fork_starts_slowly):
+    t, it, got = _fork_group(400, shuffle=True)
+    with t:
+        got += flat([next(it) for _ in range(7)])
+        state = t.state_dict()
+        rest_of_epoch = flat(it)
+    order = got + rest_of_epoch
+    assert sorted(order) == list(range(400))
+    loader = DataLoader(Indexed(400), batch_size=4, num_workers=1, persistent_workers=True, shuffle=True,
+                        multiprocessing_context="fork", generator=torch.Generator().manual_seed(3))
+    with quiet(loader, mode="apply") as resumed:
+        resumed.load_state_dict(state)
+        assert flat(resumed) == rest_of_epoch
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_death_in_a_group_is_recovered_without_losing_a_sample(_fork_starts_slowly):
+    import os
+    import signal
+
+    t, it, got = _fork_group(400)
+    with t:
+        added = [w.pid for w in t._pipeline._it.parts[1][1]._workers]
+        os.kill(added[0], signal.SIGKILL)
+        got += flat(it)
+        assert sorted(got) == list(range(400)) and len(got) == 400
+        assert [e for e in t.events if e.kind == "fault"]
