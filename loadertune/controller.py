@@ -280,6 +280,17 @@ class Controller:
             max_step_workers=max(2, 2 * self.config.num_workers) if self.slow_start else None,
         )
         if rec is None:
+            if diagnosis.kind == "data_starved":
+                # The loop waits, just not enough for a change worth a rebuild in this window:
+                # one borderline window (the first is the noisiest) must not settle the run.
+                return Decision(
+                    "hold",
+                    self.config,
+                    f"the loop waits {metrics.wait_share:.0%} of the time: no change is worth a "
+                    "rebuild yet; watching the next windows",
+                    before_samples_per_s=rate,
+                    telling=True,
+                )
             self._converge(metrics)
             return Decision("hold", self.config, f"{diagnosis.kind}: nothing to change", before_samples_per_s=rate)
         # A change whose gain could be small is judged against a precise "before": measure the

@@ -342,3 +342,19 @@ def test_a_start_up_under_a_second_is_said_in_milliseconds():
     assert _duration(0.04) == "40 ms"  # was "~0.0 s to start" in the reason for persistence
     assert _duration(0.949) == "949 ms"
     assert _duration(1.36) == "1.4 s"
+
+
+def test_one_borderline_starved_window_does_not_settle_the_run():
+    # A JPEG job beside another process: its first window waited 9% (no change worth a rebuild),
+    # the next ones 11-15%. Converging on the first kept it at 0 workers for the whole run, silent.
+    c = _controller()
+    m = latency_bound_at_zero(
+        wait_share=0.09, wait_s_per_batch=0.0198, compute_s_per_batch=0.2, batches_per_s=4.5, samples_per_s=144.0
+    )
+    d = c.decide(m, diagnose(m, c.config), now_s=0.0)
+    assert d.action == "hold" and d.telling and not c.converged
+    assert "waits 9%" in d.reason
+    m2 = latency_bound_at_zero(
+        wait_share=0.3, wait_s_per_batch=0.086, compute_s_per_batch=0.2, batches_per_s=3.5, samples_per_s=112.0
+    )
+    assert c.decide(m2, diagnose(m2, c.config), now_s=3.0).action in ("measure", "change")
