@@ -31,6 +31,7 @@ __all__ = [
     "WorkerStartError",
     "crash_error",
     "dead_worker_batches",
+    "dead_workers",
     "death_report",
     "narrow_crash",
     "worker_death",
@@ -140,13 +141,7 @@ def dead_worker_batches(it: Any, exc: BaseException, issued: Iterable[Any]) -> l
     every batch in flight is a suspect.
     """
     batches = [b if isinstance(b, list) else [b] for b in issued]
-    workers = getattr(it, "_workers", None) or []
-    match = WORKER_DIED.search(str(exc))
-    if match:
-        pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
-        dead = {i for i, w in enumerate(workers) if w.pid in pids}
-    else:
-        dead = {i for i, w in enumerate(workers) if not w.is_alive()}
+    dead = dead_workers(it, exc)
     task_info = getattr(it, "_task_info", None)
     rcvd = getattr(it, "_rcvd_idx", None)
     if not dead or not isinstance(task_info, dict) or rcvd is None or not getattr(it, "_in_order", True):
@@ -157,6 +152,17 @@ def dead_worker_batches(it: Any, exc: BaseException, issued: Iterable[Any]) -> l
         if info[0] in dead and len(info) == 1 and 0 <= idx - rcvd < len(batches):
             out.append(batches[idx - rcvd])
     return out or batches
+
+
+def dead_workers(it: Any, exc: BaseException) -> set[int]:
+    """Which of ``it``'s workers (their places in ``it._workers``) ``exc`` reports dead; when it
+    names none, those no longer alive."""
+    workers = getattr(it, "_workers", None) or []
+    match = WORKER_DIED.search(str(exc))
+    if match:
+        pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
+        return {i for i, w in enumerate(workers) if w.pid in pids}
+    return {i for i, w in enumerate(workers) if not w.is_alive()}
 
 
 def death_report(it: Any, exc: BaseException) -> str:

@@ -17,7 +17,7 @@ configuration, its workers summed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = ["GroupIterator"]
@@ -64,6 +64,14 @@ class GroupIterator:
             raise
         log.popleft()
         return batch
+
+    def split(self, issued: Iterable[Any]) -> list[tuple[Iterator[Any], list[Any]]]:
+        """Each part's iterator with its share of ``issued`` (the batches in flight, oldest
+        first, one per entry of the log), in the order that part drew them."""
+        shares: list[list[Any]] = [[] for _ in self.parts]
+        for tag, batch in zip(self.log, issued, strict=False):
+            shares[tag].append(batch)
+        return [(it, share) for (_, it), share in zip(self.parts, shares, strict=True)]
 
     @property
     def head(self) -> Iterator[Any] | None:

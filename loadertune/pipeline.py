@@ -40,12 +40,13 @@ from loadertune.faults import (
     SampleCrashError,
     crash_error,
     dead_worker_batches,
+    dead_workers,
     death_report,
 )
 from loadertune.group import GroupIterator
 from loadertune.order import EpochOrder
 from loadertune.prestart import Gate, Prestart, Started, slow_start_method
-from loadertune.shutdown import shutdown_loader
+from loadertune.shutdown import shutdown_loader, unregister
 from loadertune.stream import EpochStream, requeue_issued
 
 __all__ = ["LoaderPipeline", "StreamKind", "stream_kind"]
@@ -390,7 +391,7 @@ class LoaderPipeline:
         ctx = self.loader.multiprocessing_context or multiprocessing.get_context()
         semaphore = ctx.Semaphore(0)
         # Only workers added to a persistent loader: the new ones join the running ones.
-        base = c if self._joinable(config) else None
+        base = c if self.joins(config) else None
         built = config if base is None else config.replace(num_workers=config.num_workers - c.num_workers)
         new = self._build(stream, built, worker_init_fn=Started(self.worker_init_fn, semaphore))
         with torch_warnings_once():
@@ -405,11 +406,11 @@ class LoaderPipeline:
         self.starting = Prestart(new, config, gate, semaphore, construct_iterator, base=base)
         return True
 
-    def _joinable(self, config: LoaderConfig) -> bool:
+    def joins(self, config: LoaderConfig) -> bool:
         """Whether ``config`` only adds workers to the persistent loader running now, so that the
         new workers can serve beside the running ones (see :mod:`loadertune.group`)."""
         c = self.config
-        return (
+        return bool(
             c.persistent_workers
             and c.num_workers > 0
             and config.num_workers > c.num_workers
@@ -417,6 +418,9 @@ class LoaderPipeline:
             and self._drain is None
             and self._inner is not None
             and (self._added or hasattr(self._it, "_workers"))
+            # Out of order, a batch whose loading raised cannot be told from one still to come:
+            # the group's log would lose its place.
+            and getattr(self.loader, "in_order", True)
         )
 
     def finish_prestart(self) -> int:
@@ -429,14 +433,19 @@ class LoaderPipeline:
         if pre is None:
             raise ReconfigureError("no DataLoader is starting in the background")
         if pre.base is not None:
-            if pre.base == self.config and self._joinable(pre.config):
+            if pre.base == self.config and self.joins(pre.config):
                 try:
                     self._join(pre)
                     return 0
                 except RuntimeError:
                     logger.warning("the workers started in the background could not join the running ones; starting them all now")
-            else:
-                pre.abort()
+                    # What it drew, if anything, sits in the shared lists: all goes back to the
+                    # stream (handoff_ok=False), none of it left to a loader that will not serve.
+                    self._sampler_of(pre.loader).closed = True
+                    self._stopping = [p for p in self._stopping if p.alive] + [pre]
+                    return self.rebuild(pre.config, handoff_ok=False)
+            pre.abort()
+            self._stopping = [p for p in self._stopping if p.alive] + [pre]
             return self.rebuild(pre.config)
         try:
             in_flight = self._hand_over(pre.config, True)
@@ -549,8 +558,18 @@ class LoaderPipeline:
     def note_death(self, it: Any, exc: BaseException) -> list[Any]:
         """Records what a dead worker of ``it`` was loading; returns the samples a worker already
         died on (a deterministic crash), else an empty list."""
-        issued = self.src_issued if it is self.src_it and self.src_issued is not None else ()
-        batches = dead_worker_batches(it, exc, list(issued))
+        issued = list(self.src_issued) if it is self.src_it and self.src_issued is not None else []
+        batches = None
+        if isinstance(it, GroupIterator):
+            # torch's bookkeeping is each loader's own: read in the loader whose worker died.
+            batches = [
+                batch
+                for part, share in it.split(issued)
+                if dead_workers(part, exc)
+                for batch in dead_worker_batches(part, exc, share)
+            ]
+        if not batches:
+            batches = dead_worker_batches(it, exc, issued)
         return self.crashes.death(batches, death_report(it, exc))
 
     def crash_error(self, exc: BaseException, samples: list[Any]) -> SampleCrashError:
@@ -676,6 +695,10 @@ def _shutdown(loader: DataLoader | None, it: Any) -> None:
     if isinstance(it, _Failed):
         it = None
     if isinstance(it, GroupIterator):
+        # Every part off torch's SIGCHLD check first: a worker of one part that dies while
+        # another part stops would otherwise be reported as the death of a worker still in use.
+        for _, part_it in it.parts:
+            unregister(part_it)
         for part, part_it in it.parts:
             shutdown_loader(part, part_it)
         return

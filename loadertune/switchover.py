@@ -40,13 +40,16 @@ class Switchover:
 
     def room_for_both(self, config: LoaderConfig) -> bool:
         """Whether the running workers and ``config``'s fit the RAM budget together (they run
-        side by side while the new ones start); unknown sizes do not stop it."""
+        side by side while the new ones start; workers that join the running ones are only
+        those added); unknown sizes do not stop it."""
         session = self._session
         budget = session.controller.bounds.ram_budget_bytes
         per = session.metrics.worker_mem_bytes if session.metrics is not None else None
         if budget is None or not per:
             return True
-        return (self._front.config.num_workers + config.num_workers) * per <= budget
+        running = self._front.config.num_workers
+        both = max(running, config.num_workers) if self._pipeline.joins(config) else running + config.num_workers
+        return both * per <= budget
 
     def check(self, now_s: float) -> None:
         """Switches to the loader whose workers started in the background once they all have;

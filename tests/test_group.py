@@ -94,3 +94,16 @@ def test_a_group_shows_every_part_s_workers_and_the_one_holding_the_next_batch()
     assert group.head is group.parts[0][1]
     next(group)
     assert group.head is group.parts[1][1]
+
+
+def test_split_gives_each_part_its_own_batches_in_flight_in_its_draw_order() -> None:
+    group, issued = _group(40, (2, 3))
+    next(group), issued.popleft()
+    shares = group.split(issued)
+    assert [it for it, _ in shares] == [it for _, it in group.parts]
+    assert sorted(b for _, share in shares for b in share) == sorted(issued)
+    assert shares[0][1] == [b for b, tag in zip(issued, group.log, strict=True) if tag == 0]
+    assert (
+        shares[1][1] == [b for b, tag in zip(issued, group.log, strict=True) if tag == 1]
+        and len(shares[1][1]) == 3
+    )

@@ -435,3 +435,110 @@ def test_a_worker_death_in_a_group_is_recovered_without_losing_a_sample(_fork_st
         got += flat(it)
         assert sorted(got) == list(range(400)) and len(got) == 400
         assert [e for e in t.events if e.kind == "fault"]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_death_in_a_group_suspects_only_the_batches_of_its_own_loader(_fork_starts_slowly):
+    import os
+    import signal
+
+    from loadertune.shutdown import unregister
+
+    t, _, _ = _fork_group(400)
+    with t:
+        pipeline = t._pipeline
+        group = pipeline.src_it
+        shares = [flat(share) for _, share in group.split(pipeline.src_issued)]
+        assert shares[0] and shares[1]
+        added = group.parts[1][1]
+        unregister(added)  # the death is the test's to report, not torch's SIGCHLD handler's
+        victim = added._workers[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        pipeline.note_death(
+            group, RuntimeError(f"DataLoader worker (pid(s) {victim.pid}) exited unexpectedly")
+        )
+        assert pipeline.crashes.suspects and pipeline.crashes.suspects <= set(shares[1])
+
+
+@pytest.mark.timeout(60)
+def test_workers_that_fail_to_join_at_the_switch_leave_no_sample_behind(
+    _fork_starts_slowly, monkeypatch, caplog
+):
+    from loadertune.prestart import Prestart
+    from loadertune.shutdown import abort_iterator
+
+    real_finish = Prestart.finish
+
+    def finish_then_fail(self):
+        it = real_finish(self)  # the gate opened: its first batches are drawn into the shared lists
+        abort_iterator(it)
+        raise RuntimeError("lost at the last moment")
+
+    monkeypatch.setattr(Prestart, "finish", finish_then_fail)
+    loader = DataLoader(
+        Indexed(400),
+        batch_size=4,
+        num_workers=1,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+    )
+    t = quiet(loader, mode="apply")
+    with t, caplog.at_level(logging.WARNING, logger="loadertune"):
+        it = iter(t)
+        got = flat([next(it) for _ in range(4)])
+        _decide(t, num_workers=3)
+        got += _next_after_start(it, t, "ready")
+        assert "could not join the running ones" in caplog.text
+        assert (
+            not isinstance(t._pipeline._it, GroupIterator) and len(t._pipeline.worker_pids()) == 3
+        )
+        got += flat(it)
+        assert sorted(got) == list(range(400)) and len(got) == 400
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_only_an_in_order_loader_has_workers_join_it(_fork_starts_slowly, in_order):
+    # Out of order, a batch whose loading raised cannot be told from one still to come.
+    loader = DataLoader(
+        Indexed(200),
+        batch_size=4,
+        num_workers=1,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+        in_order=in_order,
+    )
+    with quiet(loader, mode="apply") as t:
+        it = iter(t)
+        next(it)
+        assert t._pipeline.joins(t.config.replace(num_workers=3)) is in_order
+
+
+@pytest.mark.timeout(60)
+def test_stopping_a_group_never_reports_the_death_of_one_of_its_own_workers(
+    _fork_starts_slowly, monkeypatch
+):
+    import os
+    import signal
+
+    from loadertune import pipeline as pipeline_module
+
+    t, _, _ = _fork_group(400)
+    victim = t._pipeline._it.parts[1][1]._workers[0]
+    # The death's SIGCHLD is delivered below, while the first loader stops (a stuck worker
+    # killed then): torch's handler checks then every worker still registered.
+    previous = signal.signal(signal.SIGCHLD, lambda *_: None)
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, victim.pid, os.WEXITED | os.WNOWAIT)
+        real = pipeline_module.shutdown_loader
+
+        def stop(loader, iterator):
+            torch._C._error_if_any_worker_fails()
+            real(loader, iterator)
+
+        monkeypatch.setattr(pipeline_module, "shutdown_loader", stop)
+        t.close()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert not [e for e in t.events if e.kind == "fault"]
