@@ -23,6 +23,7 @@ from loadertune.config import LoaderConfig
 from loadertune.diagnosis import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
+from loadertune.faults import WORKER_DIED, SampleCrashError
 from loadertune.follower import BatchFollower
 from loadertune.interrupts import sigint_held
 from loadertune.metrics import WindowMetrics
@@ -281,13 +282,23 @@ class TunedLoader:
         pipeline = self._pipeline
         if pipeline.src_it is not None and pipeline.in_epoch:
             self.epoch += 1  # the previous epoch was left early
-        with sigint_held():  # the epoch's workers start here (see loadertune.interrupts)
-            if pipeline.start_epoch():
-                self.config = pipeline.config
-                self._follower.epoch_started(self.step)
-            self._epochs_started += 1
-            self._actuator.note_workers()
-        self._session.epoch_started(step=self.step, config=self.config)
+        try:
+            with sigint_held():  # the epoch's workers start here (see loadertune.interrupts)
+                if pipeline.start_epoch():
+                    self.config = pipeline.config
+                    self._follower.epoch_started(self.step)
+                self._epochs_started += 1
+                self._actuator.note_workers()
+            self._session.epoch_started(step=self.step, config=self.config)
+        except RuntimeError as exc:
+            # torch's SIGCHLD handler reports a worker that dies as it starts wherever the
+            # training thread is, here too: the death the first next() would have reported,
+            # handled as that one is (recovered from, or a WorkerStartError).
+            if pipeline.src_it is None or isinstance(exc, SampleCrashError) or not WORKER_DIED.search(str(exc)):
+                raise
+            with sigint_held():
+                self._actuator.after_failure(pipeline.src_it, exc)
+            self.config = pipeline.config
         # Each iter() supersedes the iterators before it: loadertune owns the epoch's sample
         # stream, so two live iterators would split one epoch between them without a word.
         self._generation += 1

@@ -181,6 +181,44 @@ def test_a_death_reported_just_after_torch_built_the_iterator_is_recovered_too(t
             flat(t)
 
 
+def _die_on_cue(path: str, worker_id: int) -> None:
+    """A ``worker_init_fn``: the starting worker waits for ``path`` to exist, then exits with 3."""
+    import time
+
+    for _ in range(6000):
+        if os.path.exists(path):
+            os._exit(3)
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["recommend", "apply"])
+def test_a_death_reported_while_the_epoch_is_set_up_is_handled_like_one_at_a_batch(tmp_path, monkeypatch, mode):
+    # Later still: the iterator has reached loadertune, which is noting the epoch's start (seen:
+    # SIGCHLD landing as the SIGINT hold ends). torch's own report, raw, reached the caller.
+    from loadertune.session import TuningSession
+
+    real_epoch_started = TuningSession.epoch_started
+    cue = tmp_path / "die"
+    reported = []
+
+    def die_then_start(self, **kw):
+        if not reported:
+            worker = t._pipeline.src_it._workers[0]
+            reported.append(worker.pid)
+            cue.touch()  # the workers die now, while the epoch is being set up
+            worker.join(10)  # torch's SIGCHLD handler may raise here already: the same report
+            raise RuntimeError(f"DataLoader worker (pid {worker.pid}) exited unexpectedly with exit code 3.")
+        return real_epoch_started(self, **kw)
+
+    loader = DataLoader(Indexed(64), batch_size=4, num_workers=2, worker_init_fn=functools.partial(_die_on_cue, str(cue)))
+    with quiet(loader, mode=mode) as t:
+        monkeypatch.setattr(TuningSession, "epoch_started", die_then_start)
+        with pytest.raises(WorkerStartError, match="die while starting"):
+            flat(t)
+        assert reported
+
+
 def test_a_start_failure_under_spawn_points_at_the_main_module_guard():
     ctx = torch.multiprocessing.get_context("spawn")
     text = _start_failure("pid 7 exited with code 1", "pid 8 exited with code 1", ctx)
