@@ -21,6 +21,7 @@ import contextlib
 import logging
 import re
 import signal
+import time
 from collections.abc import Container
 from typing import Any
 
@@ -281,21 +282,33 @@ def unregister(it: Any) -> None:
 
 
 def _reap(workers: list[Any]) -> None:
-    """Joins every worker; one still running is terminated, then killed, so none is leaked."""
-    for w in workers:
-        try:
-            if w.is_alive():
-                w.terminate()
-                w.join(_TERM_WAIT_S)
-            if w.is_alive():
-                w.kill()
-                w.join(_KILL_WAIT_S)
-            if w.exitcode is None:
-                logger.warning("DataLoader worker (pid %s) survived SIGKILL", w.pid)
-        except (OSError, ValueError, AssertionError) as exc:
-            # A closed Process object (ValueError) or one this process did not start
-            # (AssertionError, after a fork): nothing more can be done from here.
-            logger.debug("reaping DataLoader worker %s: %r", getattr(w, "pid", "?"), exc)
+    """Joins every worker; those still running are terminated, then killed, so none is leaked.
+
+    The waits are shared: workers that ignore SIGTERM cost ``_TERM_WAIT_S`` together, not each.
+    """
+    running = [w for w in workers if _call(w, "is_alive")]
+    for action, wait_s in (("terminate", _TERM_WAIT_S), ("kill", _KILL_WAIT_S)):
+        if not running:
+            return
+        for w in running:
+            _call(w, action)
+        deadline = time.monotonic() + wait_s
+        for w in running:
+            _call(w, "join", max(0.0, deadline - time.monotonic()))
+        running = [w for w in running if _call(w, "is_alive")]
+    for w in running:
+        logger.warning("DataLoader worker (pid %s) survived SIGKILL", w.pid)
+
+
+def _call(w: Any, action: str, *args: Any) -> Any:
+    """``w.<action>(*args)``; False where the process cannot be reached from here."""
+    try:
+        return getattr(w, action)(*args)
+    except (OSError, ValueError, AssertionError) as exc:
+        # A closed Process object (ValueError) or one this process did not start
+        # (AssertionError, after a fork): nothing more can be done from here.
+        logger.debug("%s DataLoader worker %s: %r", action, getattr(w, "pid", "?"), exc)
+        return False
 
 
 def _describe_exit(code: int) -> str:

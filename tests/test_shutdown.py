@@ -127,6 +127,45 @@ def test_worker_that_ignores_sigterm_is_killed_not_leaked(monkeypatch: pytest.Mo
     _assert_reaped(workers)
 
 
+def test_workers_that_ignore_sigterm_share_one_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadertune import shutdown as shutdown_module
+
+    now = [0.0]
+
+    class _Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    class _Stubborn:
+        """A worker that ignores SIGTERM: every join runs out its timeout; SIGKILL ends it."""
+
+        pid = 1
+
+        def __init__(self) -> None:
+            self.exitcode: int | None = None
+
+        def is_alive(self) -> bool:
+            return self.exitcode is None
+
+        def terminate(self) -> None:
+            pass
+
+        def kill(self) -> None:
+            self.exitcode = -signal.SIGKILL
+
+        def join(self, timeout: float) -> None:
+            if self.exitcode is None:
+                now[0] += timeout
+
+    monkeypatch.setattr(shutdown_module, "time", _Clock)
+    workers = [_Stubborn() for _ in range(8)]
+    shutdown_module._reap(workers)
+    assert [w.exitcode for w in workers] == [-signal.SIGKILL] * 8
+    # One grace period for all eight, not eight in a row (16 s of a job's exit).
+    assert now[0] == pytest.approx(shutdown_module._TERM_WAIT_S)
+
+
 def test_persistent_iterator_on_the_loader_is_stopped_and_cleared() -> None:
     loader = _loader(persistent_workers=True)
     it, workers = _started(loader)
