@@ -7,11 +7,14 @@ epochs, each once.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -260,13 +263,23 @@ def test_a_failed_batch_handed_out_again_is_not_counted_consumed():
 # -- across processes ---------------------------------------------------------------------------------
 def _run(tmp_path, phase, *args):
     out = tmp_path / f"{phase}.json"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), phase, str(tmp_path / "state.pt"), str(out), *map(str, args)],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr
+    try:
+        proc.wait(timeout=60)
+    finally:
+        # The save phase exits as a preempted job does, without stopping its workers; a
+        # preemption takes the whole job, so do the same. Left alone they would hold the stderr
+        # pipe open until their watchdog notices the parent is gone (5 s).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
     data = json.loads(out.read_text())
     return [data["epochs"][k] for k in sorted(data["epochs"], key=int)], data["config"]
 

@@ -1,6 +1,6 @@
-"""loadertune under torch.distributed: two gloo ranks on CPU, spawned per test.
+"""loadertune under torch.distributed: two gloo ranks on CPU, started per test.
 
-Each scenario runs in fresh processes (spawn), writes what it saw to a JSON file per rank, and
+Each scenario runs in fresh processes (forked by multiprocessing's fork server), writes what it saw to a JSON file per rank, and
 the assertions run here in the parent. Every launch has a deadline, so a hang fails the test
 instead of stalling the suite.
 """
@@ -40,15 +40,19 @@ WORLD = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    # Spawning starts multiprocessing's resource tracker, a helper that lives as long as this
-    # process; start it before any test, so that no test counts it as a process it leaked.
-    from multiprocessing import resource_tracker
+def _helpers() -> None:
+    # The ranks are forked from multiprocessing's fork server, which imports torch and
+    # loadertune once for all of them (spawning each would import them again: ~2 s a rank).
+    # The server and the resource tracker live as long as this process: started before any
+    # test, so that no test counts them as processes it leaked.
+    from multiprocessing import forkserver, resource_tracker
 
+    forkserver.set_forkserver_preload(["torch", "loadertune", "loadertune.distributed", __name__])
+    forkserver.ensure_running()
     resource_tracker.ensure_running()
 
 
-# -- helpers run in the spawned ranks --------------------------------------------------------------
+# -- helpers run in the ranks ----------------------------------------------------------------------
 class _Samples(Dataset):
     """Index-tagged samples whose loading sleeps ``sleep_s`` each (I/O-like, not CPU work)."""
 
@@ -81,8 +85,8 @@ def _sim_gpu() -> Any:
 
 def _entry(fn: Callable[..., dict], rank: int, store: str, out: str, args: tuple) -> None:
     os.environ.pop("LOCAL_WORLD_SIZE", None)
-    # A spawned child would start DataLoader workers by spawning too (seconds each, re-importing
-    # torch); ranks started by torchrun fork them, as here.
+    # A child of the fork server would start DataLoader workers through it too; ranks started
+    # by torchrun fork them, as here.
     multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(1)
     result: dict[str, Any]
@@ -111,7 +115,7 @@ def _launch(
     fn: Callable[..., dict], tmp_path: Path, *args: Any, deadline_s: float = 45.0
 ) -> list[dict]:
     """Runs ``fn(rank, tmp_path, *args)`` on two gloo ranks; returns each rank's result."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
     store = tmp_path / "store"
     procs = [
         ctx.Process(target=_entry, args=(fn, rank, str(store), str(tmp_path), args))
@@ -468,7 +472,7 @@ def test_combine_room_is_the_tightest_rank() -> None:
     assert c.worker_mem_bytes == 9
 
 
-# -- spawned tests ---------------------------------------------------------------------------------
+# -- tests on two ranks ----------------------------------------------------------------------------
 def test_collective_primitives_agree_on_every_rank(tmp_path: Path) -> None:
     r0, r1 = _launch(_primitives, tmp_path)
     assert r0["ok"] and r1["ok"], (r0, r1)
