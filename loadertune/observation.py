@@ -19,12 +19,11 @@ import os
 import time
 from typing import Any
 
+from loadertune.timer import CPU_EVERY, CPU_PHASE_AT_EPOCH_START
+
 __all__ = ["Observation", "Site", "batch_length"]
 
 logger = logging.getLogger("loadertune")
-
-# One batch in this many has its thread CPU time read (as TunedLoader does).
-_CPU_EVERY = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +143,8 @@ class Observation:
             self._flush_epoch()
             self.epochs += 1
             self._epoch_open = True
+            if self._cpu_phase >= 0:
+                self._cpu_phase = CPU_PHASE_AT_EPOCH_START
             if self.tuned is not None:
                 return
             if self.session is None:
@@ -157,7 +158,7 @@ class Observation:
 
         Without workers, loading runs in this thread, and its CPU time tells loading work from
         waiting (on I/O, on a busy machine). Reading the thread clock costs ~2 us, so, as
-        ``TunedLoader`` does, one batch in ``_CPU_EVERY`` is timed: its time in ``next()`` and the
+        ``TunedLoader`` does, one batch in ``CPU_EVERY`` is timed: its time in ``next()`` and the
         loop's gap after it.
         """
         phase = self._cpu_phase
@@ -177,7 +178,7 @@ class Observation:
             if phase == 0:
                 self._cpu_mark = time.thread_time()
                 cpu = self._cpu_mark - cpu
-            self._cpu_phase = (phase + 1) % _CPU_EVERY
+            self._cpu_phase = (phase + 1) % CPU_EVERY
         self.window_closed = self._record(requested, returned, batch, cpu, loop_cpu)
         return batch
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["LoopTimer", "LoopWindow"]
+__all__ = ["CPU_EVERY", "CPU_PHASE_AT_EPOCH_START", "LoopTimer", "LoopWindow"]
+
+# Without workers, loading runs in the training thread and its CPU time tells loading work from
+# waiting. Reading the thread clock costs ~2 us, so one batch in CPU_EVERY is timed: its time in
+# next() (phase 0) and the loop's gap after it (phase 1).
+CPU_EVERY = 8
+# The phase an epoch starts at. Its first batch is never timed (it pays the epoch's own set-up),
+# so the second is: a first window of a few slow batches still knows whether loading is CPU work
+# (without it, a 6-batch first window of JPEG decoding on 2 CPUs asked for 5 workers).
+CPU_PHASE_AT_EPOCH_START = CPU_EVERY - 1
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,12 @@ from loadertune.planning import Recommendation
 from loadertune.prestart import slow_start_method
 from loadertune.sampler import Sampler
 from loadertune.session import TuningSession, close_at_exit
+from loadertune.timer import CPU_EVERY, CPU_PHASE_AT_EPOCH_START
 
 __all__ = ["MODES", "Mode", "TunedLoader", "tune"]
 
 logger = logging.getLogger("loadertune")
 
-# Reading the thread clock costs ~2 us here, so one batch in this many is timed.
-_CPU_EVERY = 8
 
 
 def _restored(loader: DataLoader, options: TuneOptions, config: LoaderConfig) -> TunedLoader:
@@ -288,6 +287,7 @@ class TunedLoader:
                     self.config = pipeline.config
                     self._follower.epoch_started(self.step)
                 self._epochs_started += 1
+                self._cpu_phase = CPU_PHASE_AT_EPOCH_START
                 self._actuator.note_workers()
             self._session.epoch_started(step=self.step, config=self.config)
         except RuntimeError as exc:
@@ -629,7 +629,7 @@ class _Epoch:
             if it is None:
                 raise StopIteration
             # Without workers the training thread's CPU time tells loading work from waiting;
-            # one batch in _CPU_EVERY is timed (its time in next(), and the loop's gap after it).
+            # one batch in CPU_EVERY is timed (its time in next(), and the loop's gap after it).
             phase = tl._cpu_phase if tl._inline else -1
             cpu = loop_cpu = -1.0
             if phase == 0:
@@ -669,7 +669,7 @@ class _Epoch:
             if phase == 0:
                 tl._cpu_mark = time.thread_time()
                 cpu = tl._cpu_mark - cpu
-            tl._cpu_phase = (phase + 1) % _CPU_EVERY
+            tl._cpu_phase = (phase + 1) % CPU_EVERY
         issued = pipeline.src_issued
         if issued:
             # The batch just delivered leaves the issued list (inlined LoaderPipeline.delivered).

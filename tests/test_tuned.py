@@ -530,3 +530,30 @@ def test_leaving_a_loop_and_starting_another_is_a_fresh_epoch():
         it = iter(t)
         assert next(t).tolist() == [0, 1, 2, 3]  # next() on the loader reads the live iterator
         assert next(it).tolist() == [4, 5, 6, 7]
+
+
+class _Burns(Indexed):
+    """Each sample costs 2 ms of this thread's CPU: loading that is CPU work, not waiting."""
+
+    def __getitem__(self, i):
+        import time
+
+        until = time.thread_time() + 0.002
+        while time.thread_time() < until:
+            pass
+        return super().__getitem__(i)
+
+
+def test_a_short_first_window_without_workers_knows_the_loading_cpu():
+    # A first window of a few slow batches (JPEG decode on a slow machine) must still tell CPU
+    # work from waiting, or it plans workers past the CPUs. An epoch's first batch is not timed
+    # (it pays the epoch's own set-up); the second is.
+    with quiet(DataLoader(_Burns(40), batch_size=4), window_s=0.001, min_window_batches=3) as t:
+        first = None
+        for _ in t:
+            if first is None and t.metrics is not None:
+                first = t.metrics
+        assert first is not None and first.batches <= 4
+        assert first.loader_cpu_s_per_batch is not None
+        # Loading is all CPU: its CPU time per batch is most of the wait for it.
+        assert first.loader_cpu_s_per_batch >= 0.5 * first.wait_s_per_batch
