@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -293,15 +294,30 @@ def saved_mid_epoch(tmp_path_factory):
     return where / "state.pt", before, saved_config
 
 
-@pytest.mark.timeout(40)
-@pytest.mark.parametrize(("workers", "bs"), [(0, 5), (1, 4), (3, 9)])
-def test_two_processes_together_serve_each_sample_once_in_order(tmp_path, saved_mid_epoch, workers, bs):
-    state, before, saved_config = saved_mid_epoch
+RESUMED_AT = [(0, 5), (1, 4), (3, 9)]
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, saved_mid_epoch):
+    """Each resume of RESUMED_AT from a copy of the saved state, run side by side."""
+    state, _, _ = saved_mid_epoch
+
+    def resume(workers, bs):
+        where = tmp_path_factory.mktemp(f"resume-w{workers}-bs{bs}")
+        shutil.copy(state, where / "state.pt")
+        return _run(where, "resume", "--generator", "--workers", workers, "--batch-size", bs, "--warm-start", 0)
+
+    with ThreadPoolExecutor(max_workers=len(RESUMED_AT)) as pool:
+        futures = {at: pool.submit(resume, *at) for at in RESUMED_AT}
+        return {at: f.result() for at, f in futures.items()}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("workers", "bs"), RESUMED_AT)
+def test_two_processes_together_serve_each_sample_once_in_order(saved_mid_epoch, resumed, workers, bs):
+    _, before, saved_config = saved_mid_epoch
     assert saved_config["num_workers"] == 2 and saved_config["batch_size"] == 7  # the live change
-    shutil.copy(state, tmp_path / "state.pt")
-    after, config = _run(
-        tmp_path, "resume", "--generator", "--workers", workers, "--batch-size", bs, "--warm-start", 0
-    )
+    after, config = resumed[(workers, bs)]
     assert (config["num_workers"], config["batch_size"]) == (workers, bs)
     assert joined(before, after) == reference()
 

@@ -58,10 +58,16 @@ def _loaders(document: dict, name: str) -> list[dict]:
 def test_recommend_passes_the_job_through_and_reports_each_loader(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     args = ("--seconds", "1", "--exit", "3")
-    result = _run("--json", str(report), "--log-dir", str(tmp_path / "logs"), *FAST, *_script("latency_train.py", *args))
-    plain = subprocess.run(
-        [sys.executable, str(FIXTURES / "latency_train.py"), *args], capture_output=True, text=True, timeout=60
-    )
+    # The job without loadertune, at the same time (both mostly wait on their simulated I/O).
+    with subprocess.Popen(
+        [sys.executable, str(FIXTURES / "latency_train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as job:
+        result = _run("--json", str(report), "--log-dir", str(tmp_path / "logs"), *FAST, *_script("latency_train.py", *args))
+        stdout, _ = job.communicate(timeout=60)
+    plain = subprocess.CompletedProcess(job.args, job.returncode, stdout)
 
     # The job's own output and status, unchanged; the same RNG draws as without loadertune.
     assert result.returncode == 3 == plain.returncode
