@@ -8,6 +8,7 @@ nothing. Timings are never asserted (bench/run_speedup.py measures apply mode's 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,20 +57,73 @@ def _loaders(document: dict, name: str) -> list[dict]:
 
 
 # -- through the entry point --------------------------------------------------------------------
+_TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+_RECOMMEND_ARGS = ("--seconds", "1", "--exit", "3")
+
+
+def _job_commands(d: Path) -> dict[str, Callable[[], subprocess.CompletedProcess[str]]]:
+    """The jobs the tests below read, each writing into its own directory ``d / name``."""
+    jobs = {
+        "recommend": lambda: _run(
+            "--json", str(d / "recommend" / "report.json"), "--log-dir", str(d / "recommend" / "logs"),
+            *FAST, *_script("latency_train.py", *_RECOMMEND_ARGS),
+        ),
+        "plain": lambda: subprocess.run(
+            [sys.executable, str(FIXTURES / "latency_train.py"), *_RECOMMEND_ARGS],
+            capture_output=True, text=True, timeout=60,
+        ),
+        "apply": lambda: _run(
+            "--mode", "apply", "--json", str(d / "apply" / "report.json"), *FAST,
+            *_script("latency_train.py", "--seconds", "2"),
+        ),
+        "killed": lambda: _run(
+            "--quiet", "--json", str(d / "killed" / "report.json"), *FAST,
+            *_script("wait_for_signal.py", "--kill-self", "120"),
+        ),
+    }
+    if importlib.util.find_spec("accelerate") is not None:
+        jobs["accelerate"] = lambda: _run(
+            "--mode", "apply", "--json", str(d / "accelerate" / "report.json"), *FAST, *_script("accelerate_train.py")
+        )
+    if _TORCHRUN is not None:
+        jobs["torchrun"] = lambda: _run(
+            "--json", str(d / "torchrun" / "report.json"), "--log-dir", str(d / "torchrun" / "logs"), *FAST, "--",
+            _TORCHRUN,
+            "--standalone",  # a free port: other jobs on the machine may hold torchrun's default
+            "--nproc-per-node", "2", str(FIXTURES / "ddp_train.py"), "--steps", "30",
+        )
+    if importlib.util.find_spec("pytorch_lightning") is not None:
+        jobs["lightning"] = lambda: _run(
+            "--json", str(d / "lightning" / "report.json"), *FAST, *_script("lightning_train.py", "--steps", "24")
+        )
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Future, Path]]:
+    """Runs every job of ``_job_commands`` to its end before the first test reads one, two at a
+    time: each mostly imports torch, then waits on its simulated I/O or steps, so two share the
+    machine's cores without changing what either reports (no timing is asserted). Maps a job's
+    name to its future (whose result raises what running it raised) and its directory."""
+    d = tmp_path_factory.mktemp("jobs")
+    commands = _job_commands(d)
+    for name in commands:
+        (d / name).mkdir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(command) for name, command in commands.items()}
+    return {name: (future, d / name) for name, future in futures.items()}
+
+
+def _job(jobs: dict[str, tuple[Future, Path]], name: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    future, where = jobs[name]
+    return future.result(), where
+
+
 @pytest.mark.timeout(120)
-def test_recommend_passes_the_job_through_and_reports_each_loader(tmp_path: Path) -> None:
+def test_recommend_passes_the_job_through_and_reports_each_loader(jobs) -> None:
+    result, tmp_path = _job(jobs, "recommend")
     report = tmp_path / "report.json"
-    args = ("--seconds", "1", "--exit", "3")
-    # The job without loadertune, at the same time (both mostly wait on their simulated I/O).
-    with subprocess.Popen(
-        [sys.executable, str(FIXTURES / "latency_train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as job:
-        result = _run("--json", str(report), "--log-dir", str(tmp_path / "logs"), *FAST, *_script("latency_train.py", *args))
-        stdout, _ = job.communicate(timeout=60)
-    plain = subprocess.CompletedProcess(job.args, job.returncode, stdout)
+    plain, _ = _job(jobs, "plain")  # the same job without loadertune
 
     # The job's own output and status, unchanged; the same RNG draws as without loadertune.
     assert result.returncode == 3 == plain.returncode
@@ -109,9 +165,9 @@ def test_recommend_passes_the_job_through_and_reports_each_loader(tmp_path: Path
 
 
 @pytest.mark.timeout(120)
-def test_apply_tunes_the_training_loader_in_the_same_order(tmp_path: Path) -> None:
-    report = tmp_path / "report.json"
-    result = _run("--mode", "apply", "--json", str(report), *FAST, *_script("latency_train.py", "--seconds", "2"))
+def test_apply_tunes_the_training_loader_in_the_same_order(jobs) -> None:
+    result, where = _job(jobs, "apply")
+    report = where / "report.json"
     assert result.returncode == 0, result.stderr
     # tune() keeps the sample order: the same first batch as the untouched loader draws.
     plain_ids = "first batch ids: [11226.0, 91366.0, 80555.0, 44095.0]"
@@ -130,10 +186,10 @@ def test_apply_tunes_the_training_loader_in_the_same_order(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(120)
-def test_apply_observes_accelerate_prepared_loaders_and_says_why(tmp_path: Path) -> None:
+def test_apply_observes_accelerate_prepared_loaders_and_says_why(jobs) -> None:
     pytest.importorskip("accelerate")
-    report = tmp_path / "report.json"
-    result = _run("--mode", "apply", "--json", str(report), *FAST, *_script("accelerate_train.py"))
+    result, where = _job(jobs, "accelerate")
+    report = where / "report.json"
     assert result.returncode == 0, result.stderr
     assert "seen 400 samples" in result.stdout
     (item,) = json.loads(report.read_text())["loaders"]
@@ -144,26 +200,11 @@ def test_apply_observes_accelerate_prepared_loaders_and_says_why(tmp_path: Path)
 
 
 @pytest.mark.timeout(120)
-def test_torchrun_two_gloo_ranks_report_per_rank_without_hanging(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
+def test_torchrun_two_gloo_ranks_report_per_rank_without_hanging(jobs) -> None:
+    if _TORCHRUN is None:
         pytest.skip("torchrun not installed beside this python")
+    result, tmp_path = _job(jobs, "torchrun")
     report = tmp_path / "report.json"
-    result = _run(
-        "--json",
-        str(report),
-        "--log-dir",
-        str(tmp_path / "logs"),
-        *FAST,
-        "--",
-        torchrun,
-        "--standalone",  # a free port: other jobs on the machine may hold torchrun's default
-        "--nproc-per-node",
-        "2",
-        str(FIXTURES / "ddp_train.py"),
-        "--steps",
-        "30",
-    )
     assert result.returncode == 0, result.stderr
     # The ranks share the output pipe (through torchrun's agent), so their lines may interleave:
     # find each rank's line in the whole output rather than line by line.
@@ -184,10 +225,10 @@ def test_torchrun_two_gloo_ranks_report_per_rank_without_hanging(tmp_path: Path)
 
 
 @pytest.mark.timeout(120)
-def test_under_a_lightning_trainer(tmp_path: Path) -> None:
+def test_under_a_lightning_trainer(jobs) -> None:
     pytest.importorskip("pytorch_lightning")
-    report = tmp_path / "report.json"
-    result = _run("--json", str(report), *FAST, *_script("lightning_train.py", "--steps", "24"))
+    result, where = _job(jobs, "lightning")
+    report = where / "report.json"
     assert result.returncode == 0, result.stderr
     assert "trained 24 steps" in result.stdout
     document = json.loads(report.read_text())
@@ -236,9 +277,9 @@ def test_signals_reach_the_job_and_its_status_comes_back() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_job_leaves_its_last_window(tmp_path: Path) -> None:
-    report = tmp_path / "report.json"
-    result = _run("--quiet", "--json", str(report), *FAST, *_script("wait_for_signal.py", "--kill-self", "120"))
+def test_a_killed_job_leaves_its_last_window(jobs) -> None:
+    result, where = _job(jobs, "killed")
+    report = where / "report.json"
     assert result.returncode == 128 + signal.SIGKILL
     document = json.loads(report.read_text())
     assert document["exit_status"] == 137
