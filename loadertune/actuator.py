@@ -22,6 +22,7 @@ from loadertune.config import LoaderConfig
 from loadertune.controller import Decision
 from loadertune.faults import WORKER_DIED, SampleCrashError, worker_death
 from loadertune.follower import BatchFollower
+from loadertune.interrupts import sigint_held
 from loadertune.pipeline import LoaderPipeline
 from loadertune.prestart import slow_start_method
 from loadertune.session import TuningSession
@@ -365,19 +366,22 @@ class Actuator:
         (the dataset's own error) is re-raised unchanged after dropping its batch, as torch does."""
         while True:
             try:
-                death = worker_death(it, exc)
-                if death in ("died", "stale") and self._stall_restart is not None:
-                    self._restart_after_stall(exc)
+                # Workers stop and start here (a Ctrl-C waits for the end; see interrupts.py).
+                with sigint_held():
+                    death = worker_death(it, exc)
+                    if death in ("died", "stale") and self._stall_restart is not None:
+                        self._restart_after_stall(exc)
+                        return
+                    if death == "none":
+                        self._pipeline.drop_failed()
+                        raise exc
+                    if death in ("died", "shm"):
+                        self._recover(exc, it, death)
                     return
-                if death == "none":
-                    self._pipeline.drop_failed()
-                    raise exc
-                if death in ("died", "shm"):
-                    self._recover(exc, it, death)
-                return
             except RuntimeError as late:
                 # torch's SIGCHLD handler raises asynchronously, so the report of a death can
-                # land inside this very handling: take it as the death it reports, once more.
+                # land inside this very handling, the SIGINT hold's set-up and end included:
+                # take it as the death it reports, once more.
                 if late is exc or isinstance(late, SampleCrashError) or not WORKER_DIED.search(str(late)):
                     raise
                 exc = late

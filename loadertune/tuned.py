@@ -296,8 +296,7 @@ class TunedLoader:
             # handled as that one is (recovered from, or a WorkerStartError).
             if pipeline.src_it is None or isinstance(exc, SampleCrashError) or not WORKER_DIED.search(str(exc)):
                 raise
-            with sigint_held():
-                self._actuator.after_failure(pipeline.src_it, exc)
+            self._actuator.after_failure(pipeline.src_it, exc)
             self.config = pipeline.config
         # Each iter() supersedes the iterators before it: loadertune owns the epoch's sample
         # stream, so two live iterators would split one epoch between them without a word.
@@ -658,8 +657,7 @@ class _Epoch:
                 raise
             except Exception as exc:
                 tl._wait_since = 0.0
-                with sigint_held():
-                    tl._actuator.after_failure(it, exc)
+                tl._actuator.after_failure(it, exc)
             except BaseException:
                 tl._wait_since = 0.0
                 raise
