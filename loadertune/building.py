@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from loadertune.config import LoaderConfig
+from loadertune.deathreport import HOLD
 from loadertune.faults import WORKER_DIED
 from loadertune.shutdown import abort_iterator, abort_started
 from loadertune.stream import EpochStream, StreamBatchSampler, StreamSampler
@@ -140,6 +141,8 @@ def start_iterator(loader: DataLoader, collective: Any = None) -> Iterator[Any]:
     try:
         with guard, torch_warnings_once():
             it = iter(loader)
+        if loader.num_workers > 0:
+            HOLD.install()  # torch has set its SIGCHLD handler by now
         return it
     except BaseException as exc:
         # Interrupted (Ctrl-C) or failed half-way, or a worker's death reported by torch's

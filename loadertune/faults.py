@@ -268,6 +268,7 @@ def _throwaway_load(
     from torch.utils.data import DataLoader
 
     from loadertune.building import start_iterator
+    from loadertune.deathreport import HOLD
     from loadertune.shutdown import shutdown_loader
 
     loader = DataLoader(
@@ -284,9 +285,10 @@ def _throwaway_load(
     try:
         # A death while torch starts the worker comes back as an iterator that raises it (the
         # half-built one already stopped), like one at the sample.
-        it = start_iterator(loader)
-        for _ in it:
-            pass
+        with HOLD.released():  # its death is reported here, as torch reports it
+            it = start_iterator(loader)
+            for _ in it:
+                pass
     except RuntimeError as exc:
         if WORKER_DIED.search(str(exc)):
             return death_report(it, exc)

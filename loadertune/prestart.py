@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from loadertune.deathreport import HOLD
 from loadertune.shutdown import abort_iterator, abort_started, unregister
 
 __all__ = ["PRESTART_TIMEOUT_S", "Gate", "Prestart", "Started", "slow_start_method"]
@@ -261,3 +262,4 @@ def register_workers(it: Any) -> None:
     it._worker_pids_set = True
     # torch sets its handler only from the main thread: this iterator was built on another.
     _utils.signal_handling._set_SIGCHLD_handler()
+    HOLD.install()

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from loadertune.actuator import Actuator
 from loadertune.config import LoaderConfig
+from loadertune.deathreport import HOLD
 from loadertune.diagnosis import Diagnosis
 from loadertune.errors import ReconfigureError
 from loadertune.events import Event
@@ -457,6 +458,7 @@ class TunedLoader:
         if self._closed:
             return
         self._closed = True
+        HOLD.holding = False
         # A Ctrl-C while the workers stop comes once the summary is written (a second one at once).
         with sigint_held():
             try:
@@ -622,73 +624,85 @@ class _Epoch:
                 "starting the next, or wrap a second DataLoader with tune() for a second stream"
             )
         # The hot path: it reads the loader's state directly, one attribute load per field.
-        pipeline = tl._pipeline
-        while True:
-            it = pipeline.src_it
-            if it is None:
-                raise StopIteration
-            # Without workers the training thread's CPU time tells loading work from waiting;
-            # one batch in CPU_EVERY is timed (its time in next(), and the loop's gap after it).
-            phase = tl._cpu_phase if tl._inline else -1
-            cpu = loop_cpu = -1.0
-            if phase == 0:
-                cpu = time.thread_time()
-            elif phase == 1:
-                loop_cpu = time.thread_time() - tl._cpu_mark
-            requested = time.perf_counter()
-            tl._wait_since = requested
-            try:
-                batch = next(it)
-                break
-            except StopIteration:
-                tl._wait_since = 0.0
-                with sigint_held():  # workers stop (and start) here
-                    if pipeline.starting is not None:
-                        tl._actuator.switchover.at_epoch_end()
-                    go_on = pipeline.finish_drain() or pipeline.resume_unfinished()
+        try:
+            pipeline = tl._pipeline
+            hold = HOLD
+            while True:
+                it = pipeline.src_it
+                if it is None:
+                    raise StopIteration
+                # Without workers the training thread's CPU time tells loading work from waiting;
+                # one batch in CPU_EVERY is timed (its time in next(), and the loop's gap after it).
+                phase = tl._cpu_phase if tl._inline else -1
+                cpu = loop_cpu = -1.0
+                if phase == 0:
+                    cpu = time.thread_time()
+                elif phase == 1:
+                    loop_cpu = time.thread_time() - tl._cpu_mark
+                requested = time.perf_counter()
+                tl._wait_since = requested
+                try:
+                    if hold.pending:
+                        hold.deliver()  # a death reported while loadertune's code ran: raised here
+                    hold.holding = False
+                    batch = next(it)
+                    hold.holding = True
+                    break
+                except StopIteration:
+                    hold.holding = True
+                    tl._wait_since = 0.0
+                    with sigint_held():  # workers stop (and start) here
+                        if pipeline.starting is not None:
+                            tl._actuator.switchover.at_epoch_end()
+                        go_on = pipeline.finish_drain() or pipeline.resume_unfinished()
+                        if go_on:
+                            tl._actuator.note_workers()
+                        else:
+                            tl._end_epoch()
                     if go_on:
-                        tl._actuator.note_workers()
-                    else:
-                        tl._end_epoch()
-                if go_on:
-                    # The old loader has handed over all it had in flight (or was cut short with
-                    # samples left): on to the new one.
-                    continue
-                raise
-            except Exception as exc:
-                tl._wait_since = 0.0
-                tl._actuator.after_failure(it, exc)
-            except BaseException:
-                tl._wait_since = 0.0
-                raise
-        returned = time.perf_counter()
-        tl._wait_since = 0.0
-        if phase >= 0:
-            if phase == 0:
-                tl._cpu_mark = time.thread_time()
-                cpu = tl._cpu_mark - cpu
-            tl._cpu_phase = (phase + 1) % CPU_EVERY
-        issued = pipeline.src_issued
-        if issued:
-            # The batch just delivered leaves the issued list (inlined LoaderPipeline.delivered).
-            consumed = issued.popleft()
-            pipeline.last_delivered = consumed
-            if pipeline.crashes.suspects:
-                pipeline.crashes.delivered(consumed)
-            n = len(consumed) if tl._batched else 1
-        else:
-            n = tl._config.batch_size or 1
-        tl.step = step = tl.step + 1
-        tl._timer.record(requested, returned, n, cpu, loop_cpu)
-        schedule = tl._schedule
-        if returned >= schedule.deadline_s and step >= schedule.step:
-            tl._on_window(returned, batch)
-        elif tl._bytes_unknown:
-            tl._session.note_batch(batch)
-            pipeline.batch_bytes = tl._session.batch_bytes
-            tl._bytes_unknown = pipeline.batch_bytes is None
-        follower = tl._follower
-        if follower.pending and step > follower.due_after_step:
-            # The first batch of a new size: the learning rate follows it now.
-            follower.run_due()
-        return batch
+                        # The old loader has handed over all it had in flight (or was cut short with
+                        # samples left): on to the new one.
+                        continue
+                    raise
+                except Exception as exc:
+                    hold.holding = True
+                    tl._wait_since = 0.0
+                    tl._actuator.after_failure(it, exc)
+                except BaseException:
+                    tl._wait_since = 0.0
+                    raise
+            returned = time.perf_counter()
+            tl._wait_since = 0.0
+            if phase >= 0:
+                if phase == 0:
+                    tl._cpu_mark = time.thread_time()
+                    cpu = tl._cpu_mark - cpu
+                tl._cpu_phase = (phase + 1) % CPU_EVERY
+            issued = pipeline.src_issued
+            if issued:
+                # The batch just delivered leaves the issued list (inlined LoaderPipeline.delivered).
+                consumed = issued.popleft()
+                pipeline.last_delivered = consumed
+                if pipeline.crashes.suspects:
+                    pipeline.crashes.delivered(consumed)
+                n = len(consumed) if tl._batched else 1
+            else:
+                n = tl._config.batch_size or 1
+            tl.step = step = tl.step + 1
+            tl._timer.record(requested, returned, n, cpu, loop_cpu)
+            schedule = tl._schedule
+            if returned >= schedule.deadline_s and step >= schedule.step:
+                tl._on_window(returned, batch)
+            elif tl._bytes_unknown:
+                tl._session.note_batch(batch)
+                pipeline.batch_bytes = tl._session.batch_bytes
+                tl._bytes_unknown = pipeline.batch_bytes is None
+            follower = tl._follower
+            if follower.pending and step > follower.due_after_step:
+                # The first batch of a new size: the learning rate follows it now.
+                follower.run_due()
+            return batch
+        finally:
+            # Held through the training step too while the epoch goes on: torch would raise the
+            # report there, where nothing can recover from it; the next next() takes it.
+            HOLD.holding = pipeline.in_epoch
