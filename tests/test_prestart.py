@@ -28,22 +28,33 @@ from tests._factories import Indexed, exit_if_exists, flat, hold_while_exists, q
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _resource_tracker():
-    # "spawn" starts multiprocessing's resource tracker, which lives as long as this process:
-    # started before the leak check looks, it is not taken for a worker a test left behind.
-    from multiprocessing import resource_tracker
+def _helpers():
+    # "spawn" starts multiprocessing's resource tracker, and "forkserver" its fork server, which
+    # live as long as this process: started before the leak check looks, they are not taken for
+    # workers a test left behind. The server imports torch and loadertune once, so that its
+    # workers start in a fraction of a second (still a slow start method to loadertune).
+    from multiprocessing import forkserver, resource_tracker
 
+    forkserver.set_forkserver_preload(["torch", "loadertune"])
+    forkserver.ensure_running()
     resource_tracker.ensure_running()
 
 
-def _spawn_loader(
-    n: int, init, *, workers: int = 1, batch_size: int = 4, persistent: bool = False, pin_memory: bool = False
+def _slow_loader(
+    n: int,
+    init,
+    *,
+    workers: int = 1,
+    batch_size: int = 4,
+    persistent: bool = False,
+    pin_memory: bool = False,
+    context: str = "spawn",
 ) -> DataLoader:
     return DataLoader(
         Indexed(n),
         batch_size=batch_size,
         num_workers=workers,
-        multiprocessing_context="spawn",
+        multiprocessing_context=context,
         worker_init_fn=init,
         persistent_workers=persistent,
         pin_memory=pin_memory,
@@ -111,7 +122,7 @@ def test_an_abandoned_gate_lets_the_sampler_return_without_drawing():
 def test_close_while_new_workers_start_leaves_nothing_behind(tmp_path):
     hold = tmp_path / "hold"
     hold.touch()  # held for good: close() must not wait for them
-    loader = _spawn_loader(400, functools.partial(hold_while_exists, str(hold)))
+    loader = _slow_loader(400, functools.partial(hold_while_exists, str(hold)))
     t = quiet(loader, mode="apply")
     t.reconfigure(num_workers=0)  # the running loader needs no worker of its own
     it = iter(t)
@@ -129,7 +140,7 @@ def test_close_while_new_workers_start_leaves_nothing_behind(tmp_path):
 def test_a_new_worker_that_dies_while_starting_leaves_the_job_on_the_old_loader(tmp_path, caplog):
     die = tmp_path / "die"
     n = 400
-    loader = _spawn_loader(n, functools.partial(exit_if_exists, str(die)))
+    loader = _slow_loader(n, functools.partial(exit_if_exists, str(die)))
     with quiet(loader, mode="apply") as t, caplog.at_level(logging.INFO, "loadertune"):
         t.reconfigure(num_workers=0)
         it = iter(t)
@@ -161,7 +172,7 @@ def test_the_old_loader_serves_while_new_workers_start_then_hands_over(tmp_path,
     # on the background thread too; the run shows it once.
     monkeypatch.setattr(building, "_WARNED", set())
     pin = torch.accelerator.is_available()
-    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)), persistent=True, pin_memory=not pin)
+    loader = _slow_loader(n, functools.partial(hold_while_exists, str(hold)), persistent=True, pin_memory=not pin)
     with (
         warnings.catch_warnings(record=True) as shown,
         quiet(loader, mode="apply") as t,
@@ -206,7 +217,7 @@ def test_without_persistent_workers_the_next_epoch_starts_with_the_new_ones(tmp_
     hold = tmp_path / "hold"
     hold.touch()  # held for good: the epoch's end must not wait for them
     n = 400
-    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)))
+    loader = _slow_loader(n, functools.partial(hold_while_exists, str(hold)))
     with quiet(loader, mode="apply") as t:
         t.reconfigure(num_workers=0)
         it = iter(t)
@@ -232,7 +243,7 @@ def _held_start(tmp_path, n=400, **loader_kw):
     """A tuned spawn loader running at 0 workers, a decided change to 1 worker held starting."""
     hold = tmp_path / "hold"
     hold.touch()
-    t = quiet(_spawn_loader(n, functools.partial(hold_while_exists, str(hold)), **loader_kw), mode="apply")
+    t = quiet(_slow_loader(n, functools.partial(hold_while_exists, str(hold)), **loader_kw), mode="apply")
     t.reconfigure(num_workers=0)
     it = iter(t)
     got = flat([next(it) for _ in range(3)])
@@ -329,7 +340,7 @@ def test_a_change_that_also_persists_turns_the_running_workers_persistent_first(
     # starts: it joins the running one (loadertune.group), which keeps serving beside it.
     hold = tmp_path / "hold"
     n = 200
-    loader = _spawn_loader(n, functools.partial(hold_while_exists, str(hold)))
+    loader = _slow_loader(n, functools.partial(hold_while_exists, str(hold)), context="forkserver")
     with quiet(loader, mode="apply") as t:
         it = iter(t)
         got = flat([next(it) for _ in range(2)])  # the running worker has started
