@@ -282,6 +282,8 @@ class TunedLoader:
         pipeline = self._pipeline
         if pipeline.src_it is not None and pipeline.in_epoch:
             self.epoch += 1  # the previous epoch was left early
+        # A death reported while the epoch is set up waits for the first next() (deathreport.py).
+        HOLD.holding = True
         try:
             with sigint_held():  # the epoch's workers start here (see loadertune.interrupts)
                 if pipeline.start_epoch():
@@ -292,9 +294,10 @@ class TunedLoader:
                 self._actuator.note_workers()
             self._session.epoch_started(step=self.step, config=self.config)
         except RuntimeError as exc:
-            # torch's SIGCHLD handler reports a worker that dies as it starts wherever the
-            # training thread is, here too: the death the first next() would have reported,
-            # handled as that one is (recovered from, or a WorkerStartError).
+            # A report of a worker that died as it started, raised here all the same: torch sets
+            # its SIGCHLD handler as the first workers start, a moment before the hold wraps it.
+            # The death the first next() would have reported, handled as that one is (recovered
+            # from, or a WorkerStartError).
             if pipeline.src_it is None or isinstance(exc, SampleCrashError) or not WORKER_DIED.search(str(exc)):
                 raise
             self._actuator.after_failure(pipeline.src_it, exc)
